@@ -1,0 +1,41 @@
+# maskbench: `make bench` and `make test` set up .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DATASET ?= synthetic
+ARGS ?=
+
+# torch/torchvision builds that install on this kind of machine without a multi-GB download;
+# override TORCH_SPEC for a GPU machine, e.g. make bench TORCH_SPEC="torch torchvision".
+ifeq ($(shell uname -m),aarch64)
+TORCH_SPEC ?= torch==2.9.1 torchvision==0.24.1
+else
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+endif
+
+.PHONY: venv bench test tables lint clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_SPEC) 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import torch, torchvision" || { echo "torch/torchvision failed to install ($(TORCH_SPEC))"; exit 1; }
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import maskbench.benchmark, captum, pycocotools, pandas, tqdm" || { echo "install of maskbench failed"; exit 1; }
+	@touch $@
+
+venv: $(VENV)/.installed
+
+bench: venv
+	$(PY) -m maskbench.benchmark bench --dataset $(DATASET) $(ARGS)
+
+test: venv
+	$(PY) -m pytest -q $(ARGS)
+
+tables: venv
+	$(PY) -m maskbench.benchmark tables
+
+lint: venv
+	$(PY) -m ruff check .
+
+clean-venv:
+	rm -rf $(VENV)

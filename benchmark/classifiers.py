@@ -1,0 +1,366 @@
+"""The explained classifiers (the *Explanandum*): a registry, the architectures, training and caching.
+
+Every classifier is a multi-label model returning logits (B, C) and exposes
+
+* ``cam_layer``: the module whose output Grad-CAM style methods read (last convolutional stage);
+* ``feature_layers``: multi-scale feature modules, shallow to deep (for decoders that read the classifier).
+
+Registered: ``smallcnn`` (trained from scratch on the synthetic set by maskbench itself, on CPU), and
+``vgg16`` / ``resnet50`` with multi-label heads as in Stalder et al. (NeurIPS 2022): torchvision ImageNet
+backbones, frozen, with a new head trained with BCE (VGG-16: 25088-4096-4096-C MLP with dropout, Adam 1e-5;
+ResNet-50: a linear layer, Adam 1e-4). Trained checkpoints are cached under the cache directory, keyed by
+data set, architecture and recipe, and loaded with ``torch.load(..., weights_only=True)``. While explained
+or scored a classifier is always in ``eval()`` with ``requires_grad`` off (:func:`freeze`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import MaskbenchError
+from .registry import Registry
+from .storage import atomic_write, file_sha256, read_json, stable_hash, write_json
+
+CLASSIFIERS: Registry = Registry("model")
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How a classifier is trained on a data set's ``train`` split (model selection on ``val``)."""
+
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    freeze_backbone: bool = False
+    hflip: bool = True
+    seed: int = 0
+    patience: int = 5  # epochs without val-mAP improvement before stopping
+
+
+class Classifier(nn.Module):
+    """Base of the registered classifiers."""
+
+    num_classes: int
+    cam_layer: nn.Module
+    feature_layers: list[nn.Module]
+
+
+class SmallCNN(Classifier):
+    """Four conv blocks (conv3x3-BN-ReLU, max-pool after the first three), global average pool, linear.
+
+    At 64 px the last block is 8x8, which is Grad-CAM's layer. About 0.1 M parameters.
+    """
+
+    def __init__(self, num_classes: int, widths: tuple[int, ...] = (24, 48, 96, 96), dropout: float = 0.1):
+        super().__init__()
+        self.num_classes = num_classes
+        blocks = []
+        cin = 3
+        for i, w in enumerate(widths):
+            layers: list[nn.Module] = [nn.Conv2d(cin, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
+            if i < len(widths) - 1:
+                layers.append(nn.MaxPool2d(2))
+            blocks.append(nn.Sequential(*layers))
+            cin = w
+        self.blocks = nn.Sequential(*blocks)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(cin, num_classes)
+
+    @property
+    def cam_layer(self) -> nn.Module:  # type: ignore[override]
+        return self.blocks[-1]
+
+    @property
+    def feature_layers(self) -> list[nn.Module]:  # type: ignore[override]
+        return list(self.blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.blocks(x)
+        return self.head(self.dropout(f.mean(dim=(2, 3))))
+
+
+class TorchvisionClassifier(Classifier):
+    """A torchvision backbone with a multi-label head (see module docstring)."""
+
+    def __init__(self, arch: str, num_classes: int, pretrained_backbone: bool = True):
+        super().__init__()
+        import torchvision
+
+        self.num_classes = num_classes
+        self.arch = arch
+        weights = None
+        if pretrained_backbone:
+            weights = {"vgg16": "VGG16_Weights.IMAGENET1K_V1", "resnet50": "ResNet50_Weights.IMAGENET1K_V1"}[arch]
+        try:
+            net = torchvision.models.get_model(arch, weights=weights)
+        except Exception as exc:  # no internet, no cached weights
+            raise MaskbenchError(
+                f"Could not load the ImageNet weights of {arch} ({weights}): {exc}. Without internet, put the "
+                f"torchvision weight file in $TORCH_HOME/hub/checkpoints, or pass --checkpoint with a trained "
+                f"maskbench checkpoint of this model."
+            ) from None
+        if arch == "vgg16":
+            self.backbone = nn.Sequential(net.features, net.avgpool)
+            self.head = nn.Sequential(
+                nn.Flatten(),
+                nn.Linear(512 * 7 * 7, 4096),
+                nn.ReLU(True),
+                nn.Dropout(0.5),
+                nn.Linear(4096, 4096),
+                nn.ReLU(True),
+                nn.Dropout(0.5),
+                nn.Linear(4096, num_classes),
+            )
+            self._cam = net.features[-1]  # last max-pool, 7x7 at 224 px (as NN-Explainer)
+            self._features = [net.features[i] for i in (3, 8, 15, 22, 29)]
+        elif arch == "resnet50":
+            self.backbone = nn.Sequential(*list(net.children())[:-1])
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(2048, num_classes))
+            self._cam = net.layer4[-1]
+            self._features = [net.layer1, net.layer2, net.layer3, net.layer4]
+        else:  # pragma: no cover - guarded by the registry
+            raise MaskbenchError(f"Unsupported torchvision architecture {arch}")
+
+    @property
+    def cam_layer(self) -> nn.Module:  # type: ignore[override]
+        return self._cam
+
+    @property
+    def feature_layers(self) -> list[nn.Module]:  # type: ignore[override]
+        return list(self._features)
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return list(self.backbone.parameters())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """A registry entry: how to build the network and how to train it."""
+
+    name: str
+    build: Callable[..., Classifier]
+    recipe: TrainRecipe
+    description: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _register(spec: ClassifierSpec) -> None:
+    CLASSIFIERS.register(spec.name, spec)
+
+
+_register(
+    ClassifierSpec(
+        "smallcnn",
+        lambda num_classes, **kw: SmallCNN(num_classes, **kw),
+        TrainRecipe(epochs=30, batch_size=64, lr=3e-3, weight_decay=1e-4, patience=6),
+        "4-block CNN trained from scratch (synthetic data)",
+    )
+)
+_register(
+    ClassifierSpec(
+        "vgg16",
+        lambda num_classes, **kw: TorchvisionClassifier("vgg16", num_classes, **kw),
+        TrainRecipe(epochs=100, batch_size=16, lr=1e-5, weight_decay=0.0, freeze_backbone=True, hflip=False,
+                    patience=5),
+        "VGG-16 ImageNet backbone (frozen) + 3-layer multi-label head, as NN-Explainer",
+    )
+)
+_register(
+    ClassifierSpec(
+        "resnet50",
+        lambda num_classes, **kw: TorchvisionClassifier("resnet50", num_classes, **kw),
+        TrainRecipe(epochs=100, batch_size=16, lr=1e-4, weight_decay=0.0, freeze_backbone=True, hflip=False,
+                    patience=5),
+        "ResNet-50 ImageNet backbone (frozen) + linear multi-label head, as NN-Explainer",
+    )
+)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Put the explained model in eval mode (no dropout, BatchNorm uses running stats) and stop its grads."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-class average precision (B, C) -> (C,), NaN for a class without positives.
+
+    AP = mean over positives of the precision at their rank (ties broken by a stable sort).
+    """
+    order = torch.argsort(scores, dim=0, descending=True, stable=True)
+    t = torch.gather(targets.float(), 0, order)
+    tp = t.cumsum(0)
+    ranks = torch.arange(1, t.shape[0] + 1, device=t.device, dtype=t.dtype)[:, None]
+    precision = tp / ranks
+    npos = t.sum(0)
+    ap = (precision * t).sum(0) / npos
+    return torch.where(npos > 0, ap, torch.full_like(ap, math.nan))
+
+
+def _stack_split(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load a (small) split into memory as image and label tensors."""
+    images, labels = [], []
+    for i in range(len(dataset)):
+        s = dataset[i]
+        images.append(s.image)
+        labels.append(s.label)
+    return torch.stack(images), torch.stack(labels)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    out = [model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+def train_classifier(
+    model: Classifier,
+    train_set: Any,
+    val_set: Any,
+    recipe: TrainRecipe,
+    device: torch.device,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Multi-label BCE training with Adam; keeps the weights of the best validation mAP (early stopping).
+
+    The training split is held in memory (the synthetic set is small); VOC/COCO-sized runs belong on a GPU.
+    """
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(recipe.seed)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    x_train, y_train = _stack_split(train_set)
+    x_val, y_val = _stack_split(val_set)
+    model.to(device)
+    if recipe.freeze_backbone and isinstance(model, TorchvisionClassifier):
+        for p in model.backbone_parameters():
+            p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps_per_epoch = math.ceil(len(x_train) / recipe.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch)
+    loss_fn = nn.BCEWithLogitsLoss()
+    best = (-1.0, None, -1)
+    history = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(recipe.epochs), desc=f"train {type(model).__name__}", disable=not progress, leave=False)
+    for epoch in bar:
+        model.train()
+        if recipe.freeze_backbone and isinstance(model, TorchvisionClassifier):
+            model.backbone.eval()  # frozen backbone: BatchNorm statistics stay ImageNet's
+        perm = torch.randperm(len(x_train), generator=gen)
+        total = torch.zeros((), device=device)
+        for i in range(0, len(perm), recipe.batch_size):
+            idx = perm[i : i + recipe.batch_size]
+            xb, yb = x_train[idx].to(device), y_train[idx].to(device)
+            if recipe.hflip:
+                flip = torch.rand(len(idx), generator=gen) < 0.5
+                xb = torch.where(flip.to(device)[:, None, None, None], xb.flip(-1), xb)
+            loss = loss_fn(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.detach() * len(idx)
+        model.eval()
+        val_map = float(average_precision(predict(model, x_val, device), y_val).nanmean())
+        train_loss = float(total) / len(x_train)
+        history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_map": round(val_map, 5)})
+        bar.set_postfix(loss=f"{train_loss:.4f}", val_mAP=f"{val_map:.4f}")
+        if val_map > best[0]:
+            best = (val_map, {k: v.detach().clone() for k, v in model.state_dict().items()}, epoch + 1)
+        elif epoch + 1 - best[2] >= recipe.patience:
+            break
+    assert best[1] is not None
+    model.load_state_dict(best[1])
+    return {
+        "train_seconds": round(time.perf_counter() - t0, 2),
+        "best_epoch": best[2],
+        "val_map": round(best[0], 5),
+        "history": history,
+    }
+
+
+def build_classifier(name: str, num_classes: int, **options: Any) -> Classifier:
+    spec: ClassifierSpec = CLASSIFIERS.get(name)
+    return spec.build(num_classes, **{**spec.options, **options})
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, device: torch.device) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise MaskbenchError(f"Classifier checkpoint not found: {path}")
+    state = torch.load(path, map_location=device, weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise MaskbenchError(f"Checkpoint {path} does not fit this model: {exc}") from None
+
+
+def get_classifier(
+    name: str,
+    datasets: Callable[[str], Any],
+    dataset_key: str,
+    num_classes: int,
+    device: torch.device,
+    cache_dir: Path,
+    checkpoint: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[Classifier, dict[str, Any]]:
+    """Return the frozen classifier for a data set, training and caching it if needed.
+
+    ``datasets(split)`` builds a split of the data set; ``dataset_key`` identifies the data for the cache.
+    The returned info (checkpoint path and hash, test mAP, training time) goes into the run manifest.
+    """
+    spec: ClassifierSpec = CLASSIFIERS.get(name)
+    info: dict[str, Any] = {"model": name, "recipe": asdict(spec.recipe)}
+    if checkpoint is not None:
+        model = spec.build(num_classes, **({"pretrained_backbone": False} if name != "smallcnn" else {}))
+        load_checkpoint(model, checkpoint, device)
+        info.update(checkpoint=str(checkpoint), checkpoint_sha256=file_sha256(checkpoint), trained_here=False)
+    else:
+        key = stable_hash({"model": name, "recipe": asdict(spec.recipe), "data": dataset_key, "v": 1})
+        path = cache_dir / "classifiers" / f"{name}-{key}.pt"
+        meta_path = path.with_suffix(".json")
+        if path.is_file() and meta_path.is_file():
+            model = spec.build(num_classes, **({"pretrained_backbone": False} if name != "smallcnn" else {}))
+            load_checkpoint(model, path, device)
+            info.update(read_json(meta_path))
+            info["trained_here"] = False
+        else:
+            model = spec.build(num_classes)
+            train_info = train_classifier(model, datasets("train"), datasets("val"), spec.recipe, device, progress)
+            test = datasets("test")
+            x_test, y_test = _stack_split(test)
+            freeze(model)
+            ap = average_precision(predict(model, x_test, device), y_test)
+            train_info["test_map"] = round(float(ap.nanmean()), 5)
+            train_info["test_ap_per_class"] = [round(float(a), 5) for a in ap]
+            import io
+
+            buf = io.BytesIO()
+            torch.save(model.state_dict(), buf)
+            atomic_write(path, buf.getvalue())
+            write_json(meta_path, train_info)
+            info.update(train_info)
+            info["trained_here"] = True
+        info.update(checkpoint=str(path), checkpoint_sha256=file_sha256(path))
+    model.to(device)
+    freeze(model)
+    return model, info

@@ -1,0 +1,191 @@
+"""The ``maskbench`` command line.
+
+    maskbench bench   [--dataset synthetic] [--model smallcnn] [--methods gradcam,rise] [--limit N] ...
+    maskbench tables  [--results results]          rebuild every table from stored rows (no model)
+    maskbench methods [--plugin mod]               list registered methods, presets and origin
+    maskbench datasets | models | metrics          list the other registries
+    maskbench generate-synthetic --out DIR         write the synthetic data set (VOC + COCO formats)
+
+Errors that come from bad input print one line naming the culprit (and the valid choices) and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .config import DEFAULT_METHODS, PRESETS, RunConfig
+from .errors import MaskbenchError
+from .registry import import_plugin
+
+EXAMPLES = """examples:
+  maskbench bench                                   # the default benchmark (synthetic, smallcnn, fast preset)
+  maskbench bench --methods gradcam,rise --limit 50
+  maskbench bench --dataset voc --data-root ~/data/VOCdevkit --model vgg16 --preset paper
+  maskbench bench --plugin examples/edge_saliency.py --methods edge-saliency
+  maskbench tables                                  # rebuild results/*/*/*.csv|.tex from stored rows
+"""
+
+
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _add_plugin_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="import a module (dotted name or .py path) that registers methods; repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maskbench", description="Benchmark image attribution methods on a frozen classifier.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="explain, score and tabulate", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = RunConfig()
+    b.add_argument("--dataset", default=d.dataset, help="registered data set (see `maskbench datasets`)")
+    b.add_argument("--model", default=None,
+                   help="registered classifier (see `maskbench models`); default: smallcnn for synthetic, "
+                   "vgg16 for voc/coco")
+    b.add_argument("--methods", type=_csv_list, default=list(DEFAULT_METHODS),
+                   help="comma-separated method names, optionally name.preset (default: %(default)s)")
+    b.add_argument("--split", default=d.split)
+    b.add_argument("--limit", type=int, default=None, help="explain only the first N images of the split")
+    b.add_argument("--batch-size", type=int, default=d.batch_size)
+    b.add_argument("--device", default=d.device, help="auto (CUDA if present), cpu, cuda, cuda:N")
+    b.add_argument("--seed", type=int, default=d.seed)
+    b.add_argument("--preset", default=d.preset, choices=PRESETS,
+                   help="method settings: fast (CPU default run) or paper (published settings)")
+    b.add_argument("--data-root", default=None, help="data set root (VOCdevkit, COCO folder); synthetic: generated")
+    b.add_argument("--image-size", type=int, default=None, help="resize images to this square size")
+    b.add_argument("--results", dest="results_dir", default=d.results_dir)
+    b.add_argument("--cache", dest="cache_dir", default=None, help="cache dir (default $MASKBENCH_CACHE or "
+                   "~/.cache/maskbench): data, checkpoints, masks")
+    b.add_argument("--checkpoint", default=None, help="use this classifier checkpoint instead of training one")
+    b.add_argument("--table-classes", type=_csv_list, default=None,
+                   help="classes explained for every image (default: the data set's table classes)")
+    b.add_argument("--no-resume", dest="resume", action="store_false", help="recompute rows already stored")
+    b.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_plugin_arg(b)
+
+    t = sub.add_parser("tables", help="rebuild every table from stored per-image rows (no model is run)")
+    t.add_argument("--results", default="results")
+
+    m = sub.add_parser("methods", help="list registered attribution methods")
+    _add_plugin_arg(m)
+    sub.add_parser("datasets", help="list registered data sets")
+    sub.add_parser("models", help="list registered classifiers")
+    sub.add_parser("metrics", help="list registered metrics")
+
+    g = sub.add_parser("generate-synthetic", help="write the synthetic data set in VOC and COCO formats")
+    g.add_argument("--out", required=True)
+    g.add_argument("--n-train", type=int, default=1600)
+    g.add_argument("--n-val", type=int, default=200)
+    g.add_argument("--n-test", type=int, default=200)
+    g.add_argument("--resolution", type=int, default=64)
+    g.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .runner import run
+
+    cfg = RunConfig(
+        dataset=args.dataset, model=args.model, methods=args.methods, split=args.split, limit=args.limit,
+        batch_size=args.batch_size, device=args.device, seed=args.seed, preset=args.preset,
+        data_root=args.data_root, image_size=args.image_size, results_dir=args.results_dir,
+        cache_dir=args.cache_dir, plugins=args.plugin, checkpoint=args.checkpoint,
+        table_classes=args.table_classes, resume=args.resume, progress=args.progress,
+    )
+    result = run(cfg)
+    clf = result.manifest["classifier"]
+    print(f"classifier {cfg.model}: test mAP {clf.get('test_map', 'n/a')} ({clf.get('checkpoint')})")
+    print(f"{'method':>16} {'images':>6} {'stored':>6} {'cached':>6} {'new':>5} {'failed':>6} "
+          f"{'const':>5} {'seconds':>8}")
+    for s in result.summaries:
+        print(f"{s.method:>16} {s.images:>6} {s.skipped:>6} {s.from_cache:>6} {s.computed:>5} {s.failed:>6} "
+              f"{s.constant_maps:>5} {s.seconds:>8.2f}")
+        for err in s.errors[:3]:
+            print(f"{'':>16}   error: {err}")
+    print(f"wrote {result.run_dir}/segmentation.csv, segmentation.tex, manifest.json "
+          f"({result.manifest['wall_seconds']:.1f} s)")
+    if result.failed:
+        print(f"WARNING: {result.failed} (method, image) pairs failed and are not in the tables; see the "
+              f"manifest.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_tables(args: argparse.Namespace) -> int:
+    from .tables import write_all_tables
+
+    written = write_all_tables(args.results)
+    if not written:
+        raise MaskbenchError(f"No stored results under '{args.results}' (expected <dataset>/<model>/per_image/).")
+    for p in written:
+        print(p)
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    for p in args.plugin:
+        import_plugin(p)
+    from maskbench.methods import METHODS, method_presets
+
+    print(f"{'name':<18} {'family':<13} {'presets':<12} origin")
+    for name in METHODS.list():
+        cls = METHODS.get(name)
+        print(f"{name:<18} {cls.family or '-':<13} {','.join(method_presets(cls)):<12} {METHODS.origin(name)}")
+    return 0
+
+
+def _cmd_list(kind: str) -> int:
+    if kind == "datasets":
+        from maskbench.datasets import DATASETS as reg
+    elif kind == "models":
+        from .classifiers import CLASSIFIERS as reg
+    else:
+        from maskbench.metrics import METRICS as reg
+    for name in reg.list():
+        obj = reg.get(name)
+        desc = getattr(obj, "description", "") or (obj.__doc__ or "").strip().split("\n")[0]
+        if kind == "metrics":
+            desc = f"{'higher' if obj.higher_is_better else 'lower'} is better; table {obj.table}; {desc}"
+        print(f"{name:<16} {desc}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from maskbench.datasets import generate_synthetic
+
+    path = generate_synthetic(args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
+                              image_size=args.resolution, seed=args.seed)
+    print(path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "bench":
+            return _cmd_bench(args)
+        if args.command == "tables":
+            return _cmd_tables(args)
+        if args.command == "methods":
+            return _cmd_methods(args)
+        if args.command in ("datasets", "models", "metrics"):
+            return _cmd_list(args.command)
+        if args.command == "generate-synthetic":
+            return _cmd_generate(args)
+    except MaskbenchError as exc:
+        print(f"maskbench: error: {exc}", file=sys.stderr)
+        return 2
+    return 0  # pragma: no cover
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

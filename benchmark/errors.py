@@ -1,0 +1,32 @@
+"""Errors raised by maskbench. Each names the bad input and, where there is a choice, the valid ones."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class MaskbenchError(Exception):
+    """Base class of every error maskbench raises on purpose."""
+
+
+class UnknownNameError(MaskbenchError, ValueError):
+    """A name (method, dataset, model, metric, preset) that is not registered."""
+
+    def __init__(self, kind: str, name: str, valid: Iterable[str]):
+        valid = sorted(valid)
+        msg = f"Unknown {kind} '{name}'."
+        close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+        if close:
+            msg += f" Did you mean: {', '.join(close)}?"
+        msg += f" Valid {kind} names: {', '.join(valid) if valid else '(none registered)'}."
+        super().__init__(msg)
+        self.kind, self.name, self.valid = kind, name, valid
+
+
+class DataError(MaskbenchError):
+    """Missing data root, corrupt image, malformed annotation: the message names the file."""
+
+
+class MethodError(MaskbenchError):
+    """An attribution method broke its contract (shape, range) or failed."""

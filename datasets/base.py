@@ -1,0 +1,152 @@
+"""The dataset contract: every loader returns :class:`Sample` objects; batches are :class:`Batch`.
+
+One sample type for every data set (PASCAL VOC-2007, COCO-2014, the embedded synthetic set):
+
+* ``image``: (3, H, W) float32, normalised with the data set's ``mean``/``std``;
+* ``label``: (C,) float32 multi-hot, each class once however many objects it has;
+* ``class_masks``: (C, H, W) bool per-class segmentation, or ``None`` where the image has none;
+* ``ignore``: (H, W) bool, pixels excluded from every mask metric (VOC's 255 boundary band; never foreground);
+* ``boxes`` (N, 4) float xyxy in pixels of the returned image, ``box_labels`` (N,) long,
+  ``box_difficult`` (N,) bool;
+* ``image_id``: a stable string id (the file stem), used as the cache key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from maskbench.benchmark.registry import Registry
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Sample:
+    image: Tensor
+    label: Tensor
+    image_id: str
+    class_masks: Tensor | None = None
+    ignore: Tensor | None = None
+    boxes: Tensor = field(default_factory=lambda: torch.zeros(0, 4))
+    box_labels: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    box_difficult: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+
+    @property
+    def segmentation(self) -> Tensor | None:
+        """Aggregated foreground: union of the masks of the image's classes."""
+        if self.class_masks is None:
+            return None
+        return self.class_masks.any(0)
+
+
+@dataclass
+class Batch:
+    """A collated list of samples. Images without segmentation get all-False masks and ``has_seg`` False."""
+
+    images: Tensor  # (B, 3, H, W)
+    labels: Tensor  # (B, C)
+    image_ids: list[str]
+    class_masks: Tensor  # (B, C, H, W) bool
+    ignore: Tensor  # (B, H, W) bool
+    has_seg: Tensor  # (B,) bool
+    boxes: list[Tensor]
+    box_labels: list[Tensor]
+    box_difficult: list[Tensor]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            images=self.images.to(device),
+            labels=self.labels.to(device),
+            image_ids=self.image_ids,
+            class_masks=self.class_masks.to(device),
+            ignore=self.ignore.to(device),
+            has_seg=self.has_seg.to(device),
+            boxes=[b.to(device) for b in self.boxes],
+            box_labels=[b.to(device) for b in self.box_labels],
+            box_difficult=[b.to(device) for b in self.box_difficult],
+        )
+
+    @property
+    def segmentation(self) -> Tensor:
+        """(B, H, W) bool union of the masks of each image's true classes."""
+        return (self.class_masks & (self.labels > 0)[:, :, None, None]).any(1)
+
+
+def collate(samples: Sequence[Sample]) -> Batch:
+    images = torch.stack([s.image for s in samples])
+    b, _, h, w = images.shape
+    c = samples[0].label.numel()
+    class_masks = torch.zeros(b, c, h, w, dtype=torch.bool)
+    ignore = torch.zeros(b, h, w, dtype=torch.bool)
+    has_seg = torch.zeros(b, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        if s.class_masks is not None:
+            class_masks[i] = s.class_masks
+            has_seg[i] = True
+        if s.ignore is not None:
+            ignore[i] = s.ignore
+    return Batch(
+        images=images,
+        labels=torch.stack([s.label for s in samples]),
+        image_ids=[s.image_id for s in samples],
+        class_masks=class_masks,
+        ignore=ignore,
+        has_seg=has_seg,
+        boxes=[s.boxes for s in samples],
+        box_labels=[s.box_labels for s in samples],
+        box_difficult=[s.box_difficult for s in samples],
+    )
+
+
+class AttributionDataset(torch.utils.data.Dataset):
+    """Base class of the loaders. Subclasses fill ``classes``, ``image_ids`` and implement ``load``."""
+
+    classes: list[str]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __init__(self, root: str, split: str, image_size: int | None):
+        self.root = str(root)
+        self.split = split
+        self.image_size = image_size
+        self.image_ids: list[str] = []
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.load(self.image_ids[index])
+
+    def load(self, image_id: str) -> Sample:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A string identifying the data (root, split, size, ids) for cache keys."""
+        import hashlib
+
+        h = hashlib.sha256()
+        h.update(f"{type(self).__name__}|{self.root}|{self.split}|{self.image_size}|".encode())
+        h.update("\n".join(self.image_ids).encode())
+        return h.hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(root={self.root!r}, split={self.split!r}, "
+            f"image_size={self.image_size}, images={len(self)}, classes={self.num_classes})"
+        )
+
+
+# name -> builder(root: str | None, split: str, image_size: int | None, **options) -> AttributionDataset
+DATASETS: Registry = Registry("dataset")

@@ -1,0 +1,69 @@
+"""The metric contract and registry.
+
+A metric is a function ``fn(inputs: MetricInputs) -> Tensor`` returning one value per image, shape (B,),
+NaN where the metric is undefined for that image (e.g. no segmentation, or no true class); the runner counts
+NaN values per metric and method, and tables report how many images each mean is over. Each registered
+metric carries its polarity (``higher_is_better``), the table it belongs to and its column label, so tables
+get their arrows and bold-best cells from the registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from maskbench.benchmark.registry import Registry
+
+
+@dataclass
+class MetricInputs:
+    """One batch of masks to score, all on the model's device."""
+
+    model: nn.Module  # frozen classifier
+    images: Tensor  # (B, 3, H, W) normalised
+    masks: Tensor  # (B, K, H, W) in [0, 1]
+    classes: Tensor  # (B, K) long: the class of each mask
+    batch: Any  # maskbench.datasets.Batch (labels, class_masks, ignore, has_seg, boxes)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    fn: Callable[[MetricInputs], Tensor]
+    higher_is_better: bool
+    table: str
+    label: str
+    version: str = "1"
+    description: str = ""
+
+
+METRICS: Registry = Registry("metric")
+
+
+def register_metric(
+    name: str, *, higher_is_better: bool, table: str, label: str | None = None, version: str = "1"
+) -> Callable[[Callable[[MetricInputs], Tensor]], Callable[[MetricInputs], Tensor]]:
+    def wrapper(fn: Callable[[MetricInputs], Tensor]) -> Callable[[MetricInputs], Tensor]:
+        doc = (fn.__doc__ or "").strip().splitlines()
+        spec = MetricSpec(name, fn, higher_is_better, table, label or name, version, doc[0] if doc else "")
+        METRICS.register(name, spec)
+        return fn
+
+    return wrapper
+
+
+def merge_true_class_masks(masks: Tensor, classes: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-pixel max over the masks of each image's true classes (NeurIPS 2022, Sec. 4.3).
+
+    Returns the merged (B, H, W) mask and a (B,) bool telling which images have at least one true class among
+    ``classes`` (the others get an all-zero merged mask and must be reported as undefined, not scored).
+    """
+    is_true = torch.gather(labels > 0, 1, classes)  # (B, K)
+    neg = torch.full_like(masks, -1.0)
+    merged = torch.where(is_true[:, :, None, None], masks, neg).amax(1)
+    has_true = is_true.any(1)
+    return merged.clamp_min(0.0), has_true

@@ -1,0 +1,117 @@
+"""Contract tests run over every registered method (timm/Captum style): shape, range, determinism,
+batch invariance, and the explained model left frozen and in eval mode."""
+
+import pytest
+import torch
+from mb_testutils import make_batch, tiny_model
+
+from maskbench.benchmark.errors import MaskbenchError, MethodError, UnknownNameError
+from maskbench.methods import METHODS, build_method, check_masks, normalize_maps
+
+H = W = 32
+C = 4
+
+
+def fast(name):
+    overrides = {"rise": {"num_masks": 64}}.get(name, {})
+    return build_method(name, preset="fast", **overrides)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model(C)
+    images = torch.randn(3, 3, H, W, generator=torch.Generator().manual_seed(0))
+    cm = torch.zeros(3, C, H, W)
+    cm[0, 0, :16, :16] = 1
+    cm[1, 1, 8:24, 8:24] = 1
+    cm[1, 2, :8] = 1
+    cm[2, 3, 16:, 16:] = 1
+    batch = make_batch([[0], [1, 2], [3]], cm, images=images)
+    classes = torch.tensor([[0, 1], [1, 2], [3, 0]])
+    return model, batch, classes
+
+
+def explain(method, model, batch, classes, idx=None):
+    if idx is not None:
+        from maskbench.datasets.base import collate  # noqa: F401  (batch slicing below)
+
+        sub = make_batch(
+            [torch.nonzero(batch.labels[i]).flatten().tolist() for i in idx],
+            batch.class_masks[idx].float(), images=batch.images[idx],
+        )
+        return method.explain(model, sub.images, classes[idx], batch=sub if method.uses_ground_truth else None)
+    return method.explain(model, batch.images, classes, batch=batch if method.uses_ground_truth else None)
+
+
+@pytest.mark.parametrize("name", METHODS.list())
+def test_contract(name, setup):
+    model, batch, classes = setup
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    method = fast(name)
+    out = explain(method, model, batch, classes)
+    assert out.shape == (3, 2, H, W)
+    assert out.dtype.is_floating_point
+    assert torch.isfinite(out).all()
+    assert out.min() >= 0 and out.max() <= 1
+    assert not check_masks(out, batch.images, classes, name).any()
+    # deterministic under a fixed seed
+    again = explain(fast(name), model, batch, classes)
+    assert torch.equal(out, again)
+    # batched == one image at a time
+    single = torch.cat([explain(method, model, batch, classes, [i]) for i in range(3)])
+    torch.testing.assert_close(single, out, atol=1e-5, rtol=1e-4)
+    # the explained model stays frozen and in eval mode, its weights and BatchNorm buffers untouched
+    assert not model.training
+    assert all(not p.requires_grad for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_ground_truth_method_returns_the_class_masks(setup):
+    model, batch, classes = setup
+    out = explain(build_method("ground-truth"), model, batch, classes)
+    assert torch.equal(out[1, 0], batch.class_masks[1, 1].float())
+    assert torch.equal(out[1, 1], batch.class_masks[1, 2].float())
+    assert out[2, 1].sum() == 0  # class 0 is not in image 2
+
+
+def test_gradcam_is_class_sensitive_and_normalised(setup):
+    model, batch, classes = setup
+    out = explain(build_method("gradcam"), model, batch, classes)
+    flat = out.flatten(2)
+    nonconst = (flat.amax(2) - flat.amin(2)) > 0
+    assert torch.allclose(flat.amax(2)[nonconst], torch.ones_like(flat.amax(2)[nonconst]))
+    assert torch.allclose(flat.amin(2)[nonconst], torch.zeros_like(flat.amin(2)[nonconst]))
+
+
+def test_normalize_maps_constant_and_range():
+    maps = torch.stack([torch.zeros(4, 4), torch.full((4, 4), 3.0), torch.arange(16.0).view(4, 4)])
+    out = normalize_maps(maps)
+    assert torch.equal(out[0], torch.zeros(4, 4))
+    assert torch.equal(out[1], torch.ones(4, 4))
+    assert out[2].min() == 0 and out[2].max() == 1
+
+
+def test_presets_and_errors():
+    assert build_method("rise").num_masks == 8000  # paper defaults
+    assert build_method("rise", preset="fast").num_masks == 1000
+    assert build_method("rise.paper", preset="fast").num_masks == 8000  # dotted preset wins
+    assert build_method("constant-0.5").name == "constant-0.5"
+    with pytest.raises(UnknownNameError, match="Valid method names"):
+        build_method("gradcamm")
+    with pytest.raises(UnknownNameError, match="fast, paper"):
+        build_method("rise.huge")
+    with pytest.raises(MaskbenchError, match="num_maskz"):
+        build_method("rise", num_maskz=3)
+
+
+def test_check_masks_rejects_contract_violations():
+    images = torch.zeros(2, 3, 4, 4)
+    classes = torch.zeros(2, 1, dtype=torch.long)
+    with pytest.raises(MethodError, match="shape"):
+        check_masks(torch.zeros(2, 4, 4), images, classes, "m")
+    with pytest.raises(MethodError, match=r"\[0, 1\]"):
+        check_masks(torch.full((2, 1, 4, 4), 2.0), images, classes, "m")
+    nan = torch.zeros(2, 1, 4, 4)
+    nan[1, 0, 0, 0] = float("nan")
+    assert check_masks(nan, images, classes, "m").tolist() == [False, True]
