@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate-synthetic", help="write the synthetic data set in VOC and COCO formats")
     g.add_argument("--out", required=True)
-    g.add_argument("--n-train", type=int, default=1600)
+    g.add_argument("--n-train", type=int, default=4800)
     g.add_argument("--n-val", type=int, default=200)
     g.add_argument("--n-test", type=int, default=200)
     g.add_argument("--resolution", type=int, default=64)

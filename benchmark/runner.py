@@ -71,7 +71,7 @@ def git_revision() -> dict[str, Any]:
 def library_versions() -> dict[str, str]:
     import importlib.metadata as md
 
-    out = {"python": platform.python_version()}
+    out = {"python": platform.python_version(), "torch_build": torch.__version__, "cuda": str(torch.version.cuda)}
     for pkg in ("maskbench", "torch", "torchvision", "captum", "numpy", "pandas", "pycocotools"):
         try:
             out[pkg] = md.version(pkg)
@@ -99,14 +99,171 @@ def _classes_to_explain(labels: torch.Tensor, extra: list[int]) -> torch.Tensor:
     return torch.tensor([r + [r[0]] * (k - len(r)) for r in rows], dtype=torch.long)
 
 
-def run(config: RunConfig) -> RunResult:
-    from tqdm.auto import tqdm
+@dataclass
+class _Session:
+    """What every method of one run shares: data, classifier, stores and keys."""
 
+    config: RunConfig
+    datasets: Any  # split -> AttributionDataset
+    test: Any
+    image_ids: list[str]
+    extra_classes: list[int]
+    model: torch.nn.Module
+    device: torch.device
+    cache: Path
+    store: RowStore
+    metric_specs: dict[str, Any]
+    data_key: str
+    clf_key: str
+
+    def load_batch(self, ids: list[str]):
+        from maskbench.datasets import collate
+
+        return collate([self.test.load(i) for i in ids]).to(self.device)
+
+
+class _MethodRun:
+    """One method over the run's images: resume from rows, reuse cached masks, explain the rest, score."""
+
+    def __init__(self, session: _Session, method: Any):
+        self.s, self.method, self.name = session, method, method.name
+        self.summary = MethodSummary(self.name, images=len(session.image_ids))
+        metric_versions = {n: spec.version for n, spec in session.metric_specs.items()}
+        self.run_key = stable_hash({"method": method.cache_key(), "classifier": session.clf_key,
+                                    "data": session.data_key, "metrics": metric_versions})
+        self.masks = MaskCache(session.cache / "masks" / session.data_key / session.clf_key
+                               / f"{self.name}-{method.cache_key()}")
+        rows = session.store.load(self.name)
+        current = rows[rows["run_key"] == self.run_key] if session.config.resume else rows.iloc[0:0]
+        counts = current.groupby("image_id")["metric"].nunique() if len(current) else pd.Series(dtype=int)
+        self.done = {iid for iid, n in counts.items() if n >= len(session.metric_specs)}
+        self.kept = current[current["image_id"].isin(self.done)]
+        self.new_rows: list[pd.DataFrame] = []
+        previous = session.store.load_meta(self.name)
+        self.same_key_as_before = previous.get("run_key") == self.run_key
+        self.explain_total = float(previous.get("explain_seconds", 0.0)) if self.same_key_as_before else 0.0
+        self.computed_total = int(previous.get("images_computed", 0)) if self.same_key_as_before else 0
+        self.is_setup = False
+
+    def save(self, final: bool = False) -> None:
+        rows = pd.concat([self.kept, *self.new_rows], ignore_index=True) if self.new_rows else self.kept
+        self.s.store.save(self.name, rows)
+        m = self.method
+        self.s.store.save_meta(self.name, {
+            "method": self.name, "label": m.display_name(), "family": m.family, "paper": m.paper,
+            "preset": getattr(m, "preset", "paper"), "config": m.config(), "cache_key": m.cache_key(),
+            "run_key": self.run_key, "classifier_sha256": self.s.clf_key, "data_key": self.s.data_key,
+            "explain_seconds": round(self.explain_total, 4), "images_computed": self.computed_total,
+            "setup": self.summary.setup, "complete": final and self.summary.failed == 0,
+        })
+
+    def _setup(self) -> None:
+        from maskbench.methods import MethodContext
+
+        if not self.is_setup:
+            s = self.s
+            ctx = MethodContext(s.model, s.config.dataset, s.datasets, s.test.num_classes, s.device, s.cache,
+                                s.config.seed, s.config.progress, s.clf_key)
+            self.summary.setup = self.method.setup(ctx) or {}
+            self.is_setup = True
+
+    def _explain_missing(self, ids: list[str], batch: Any, classes: torch.Tensor, masks: torch.Tensor,
+                         missing: list[int], ok: torch.Tensor) -> None:
+        """Explain the images of ``missing`` (indices into the batch), cache their masks, mark failures."""
+        from maskbench.methods import check_masks
+
+        self._setup()
+        sub = torch.tensor(missing, device=self.s.device)
+        sub_batch = batch if len(missing) == len(ids) else self.s.load_batch([ids[j] for j in missing])
+        try:
+            synchronize(self.s.device)
+            t0 = time.perf_counter()
+            out = self.method.explain(self.s.model, batch.images[sub], classes[sub],
+                                      batch=sub_batch if self.method.uses_ground_truth else None)
+            nan = check_masks(out, batch.images[sub], classes[sub], self.name)
+            synchronize(self.s.device)
+            self.explain_total += time.perf_counter() - t0
+        except Exception as exc:  # counted and reported, never scored
+            self.summary.failed += len(missing)
+            self.summary.errors.append(f"{[ids[j] for j in missing][:3]}: {type(exc).__name__}: {exc}")
+            ok[missing] = False
+            return
+        out = out.detach().float()
+        out_cpu, classes_cpu = out.cpu().numpy(), classes.cpu().numpy()
+        for local, j in enumerate(missing):
+            if bool(nan[local]):
+                self.summary.nan_maps += 1
+                self.summary.failed += 1
+                self.summary.errors.append(f"{ids[j]}: NaN in the maps")
+                ok[j] = False
+                continue
+            masks[j] = out[local]
+            self.masks.put(ids[j], classes_cpu[j], out_cpu[local])
+            self.summary.computed += 1
+            self.computed_total += 1
+
+    def _score(self, ids: list[str], batch: Any, classes: torch.Tensor, masks: torch.Tensor,
+               ok: torch.Tensor) -> None:
+        from maskbench.metrics import MetricInputs
+
+        flat = masks.flatten(2)
+        constant = (flat.amax(2) - flat.amin(2)) <= 1e-6
+        self.summary.constant_maps += int(constant[ok.to(self.s.device)].sum())
+        keep = torch.nonzero(ok).flatten().tolist()
+        if not keep:
+            return
+        kb = batch if len(keep) == len(ids) else self.s.load_batch([ids[j] for j in keep])
+        kt = torch.tensor(keep, device=self.s.device)
+        inputs = MetricInputs(self.s.model, kb.images, masks[kt], classes[kt], kb)
+        values = {n: spec.fn(inputs).float().cpu().tolist() for n, spec in self.s.metric_specs.items()}
+        self.new_rows.append(rows_from_values([ids[j] for j in keep], values, self.run_key))
+
+    def run(self) -> MethodSummary:
+        from tqdm.auto import tqdm
+
+        s, t_method = self.s, time.perf_counter()
+        todo = [iid for iid in s.image_ids if iid not in self.done]
+        self.summary.skipped = len(s.image_ids) - len(todo)
+        last_save = time.perf_counter()
+        bar = tqdm(total=len(todo), desc=f"{self.name:>16}", disable=not s.config.progress, unit="img", leave=False)
+        for start in range(0, len(todo), s.config.batch_size):
+            ids = todo[start : start + s.config.batch_size]
+            batch = s.load_batch(ids)
+            classes = _classes_to_explain(batch.labels.cpu(), s.extra_classes).to(s.device)
+            masks = torch.empty(len(ids), classes.shape[1], *batch.images.shape[-2:], device=s.device)
+            missing = []
+            for j, iid in enumerate(ids):
+                hit = self.masks.get(iid)
+                want = classes[j].tolist()
+                if hit is not None and set(want) <= set(hit[0].tolist()):
+                    pos = {c: p for p, c in enumerate(hit[0].tolist())}
+                    masks[j] = torch.from_numpy(hit[1][[pos[c] for c in want]].astype(np.float32)).to(s.device)
+                    self.summary.from_cache += 1
+                else:
+                    missing.append(j)
+            ok = torch.ones(len(ids), dtype=torch.bool)
+            if missing:
+                self._explain_missing(ids, batch, classes, masks, missing, ok)
+            self._score(ids, batch, classes, masks, ok)
+            bar.update(len(ids))
+            if time.perf_counter() - last_save > SAVE_EVERY_SECONDS:
+                self.save()
+                last_save = time.perf_counter()
+        bar.close()
+        if todo or not s.store.csv_path(self.name).is_file() or not self.same_key_as_before:
+            self.save(final=True)
+        self.summary.explain_seconds = round(self.explain_total, 4)
+        self.summary.seconds = round(time.perf_counter() - t_method, 3)
+        return self.summary
+
+
+def run(config: RunConfig) -> RunResult:
+    """Run a benchmark configuration end to end; returns the per-method summaries and the manifest."""
     for plugin in config.plugins:
         import_plugin(plugin)
-    from maskbench.datasets import build_dataset, collate
-    from maskbench.methods import MethodContext, build_method, check_masks
-    from maskbench.metrics import METRICS, MetricInputs
+    from maskbench.datasets import build_dataset
+    from maskbench.methods import build_method
+    from maskbench.metrics import METRICS
 
     from .classifiers import get_classifier
 
@@ -121,142 +278,21 @@ def run(config: RunConfig) -> RunResult:
 
     test = datasets(config.split)
     image_ids = test.image_ids[: config.limit] if config.limit else list(test.image_ids)
-    index = {iid: i for i, iid in enumerate(test.image_ids)}
     extra = _class_indices(config.resolved_table_classes(), test.classes)
     data_key = test.fingerprint()
     train_key = datasets("train").fingerprint() if config.checkpoint is None else "external"
     model, clf_info = get_classifier(
         config.model, datasets, train_key, test.num_classes, device, cache, config.checkpoint, config.progress
     )
-    clf_key = clf_info["checkpoint_sha256"]
-    metric_specs = {name: METRICS.get(name) for name in METRICS.list()}
-    metric_versions = {n: s.version for n, s in metric_specs.items()}
-    run_dir = config.run_dir()
-    store = RowStore(run_dir)
-    summaries: list[MethodSummary] = []
-
-    for spec, method in zip(config.methods, methods):
-        name = method.name
-        summary = MethodSummary(name, images=len(image_ids))
-        t_method = time.perf_counter()
-        run_key = stable_hash(
-            {"method": method.cache_key(), "classifier": clf_key, "data": data_key, "metrics": metric_versions}
-        )
-        masks_cache = MaskCache(cache / "masks" / data_key / clf_key / f"{name}-{method.cache_key()}")
-        all_rows = store.load(name)
-        current = all_rows[all_rows["run_key"] == run_key] if config.resume else all_rows.iloc[0:0]
-        counts = current.groupby("image_id")["metric"].nunique() if len(current) else pd.Series(dtype=int)
-        done = {iid for iid, n in counts.items() if n >= len(metric_specs)}
-        todo = [iid for iid in image_ids if iid not in done]
-        summary.skipped = len(image_ids) - len(todo)
-        previous = store.load_meta(name)
-        explain_total = float(previous.get("explain_seconds", 0.0)) if previous.get("run_key") == run_key else 0.0
-        computed_total = int(previous.get("images_computed", 0)) if previous.get("run_key") == run_key else 0
-        kept = current[current["image_id"].isin(done)]
-        new_rows: list[pd.DataFrame] = []
-        is_setup = False
-        last_save = time.perf_counter()
-
-        def save(final: bool = False) -> None:
-            rows = pd.concat([kept, *new_rows], ignore_index=True) if new_rows else kept
-            store.save(name, rows)
-            store.save_meta(
-                name,
-                {
-                    "method": name,
-                    "label": method.display_name(),
-                    "family": method.family,
-                    "paper": method.paper,
-                    "preset": getattr(method, "preset", "paper"),
-                    "config": method.config(),
-                    "cache_key": method.cache_key(),
-                    "run_key": run_key,
-                    "classifier_sha256": clf_key,
-                    "data_key": data_key,
-                    "explain_seconds": round(explain_total, 4),
-                    "images_computed": computed_total,
-                    "setup": summary.setup,
-                    "complete": final and summary.failed == 0,
-                },
-            )
-
-        bar = tqdm(total=len(todo), desc=f"{name:>16}", disable=not config.progress, unit="img", leave=False)
-        for start in range(0, len(todo), config.batch_size):
-            ids = todo[start : start + config.batch_size]
-            batch = collate([test[index[i]] for i in ids]).to(device)
-            classes = _classes_to_explain(batch.labels.cpu(), extra).to(device)
-            masks = torch.empty(len(ids), classes.shape[1], *batch.images.shape[-2:], device=device)
-            missing = []
-            for j, iid in enumerate(ids):
-                hit = masks_cache.get(iid)
-                want = classes[j].tolist()
-                if hit is not None and set(want) <= set(hit[0].tolist()):
-                    pos = {c: p for p, c in enumerate(hit[0].tolist())}
-                    masks[j] = torch.from_numpy(hit[1][[pos[c] for c in want]].astype(np.float32)).to(device)
-                    summary.from_cache += 1
-                else:
-                    missing.append(j)
-            ok = torch.ones(len(ids), dtype=torch.bool)
-            if missing:
-                if not is_setup:
-                    summary.setup = method.setup(
-                        MethodContext(model, config.dataset, datasets, test.num_classes, device, cache,
-                                      config.seed, config.progress, clf_key)
-                    ) or {}
-                    is_setup = True
-                sub = torch.tensor(missing, device=device)
-                sub_batch = collate([test[index[ids[j]]] for j in missing]).to(device) if len(missing) < len(
-                    ids) else batch
-                try:
-                    synchronize(device)
-                    t0 = time.perf_counter()
-                    out = method.explain(
-                        model, batch.images[sub], classes[sub],
-                        batch=sub_batch if method.uses_ground_truth else None,
-                    )
-                    nan = check_masks(out, batch.images[sub], classes[sub], name)
-                    synchronize(device)
-                    explain_total += time.perf_counter() - t0
-                except Exception as exc:  # counted and reported, never scored
-                    summary.failed += len(missing)
-                    summary.errors.append(f"{[ids[j] for j in missing][:3]}...: {type(exc).__name__}: {exc}")
-                    ok[missing] = False
-                    bar.update(len(ids))
-                    continue
-                out = out.float()
-                for local, j in enumerate(missing):
-                    if bool(nan[local]):
-                        summary.nan_maps += 1
-                        summary.failed += 1
-                        summary.errors.append(f"{ids[j]}: NaN in the maps")
-                        ok[j] = False
-                        continue
-                    masks[j] = out[local]
-                    masks_cache.put(ids[j], classes[j].cpu().numpy(), out[local].cpu().numpy())
-                    summary.computed += 1
-                    computed_total += 1
-            flat = masks.flatten(2)
-            summary.constant_maps += int(((flat.amax(2) - flat.amin(2)) <= 1e-6)[ok.to(device)].sum())
-            keep = torch.nonzero(ok).flatten().tolist()
-            if keep:
-                kb = collate([test[index[ids[j]]] for j in keep]).to(device) if len(keep) < len(ids) else batch
-                kt = torch.tensor(keep, device=device)
-                inputs = MetricInputs(model, kb.images, masks[kt], classes[kt], kb)
-                values = {n: s.fn(inputs).float().cpu().tolist() for n, s in metric_specs.items()}
-                new_rows.append(rows_from_values([ids[j] for j in keep], values, run_key))
-            bar.update(len(ids))
-            if time.perf_counter() - last_save > SAVE_EVERY_SECONDS:
-                save()
-                last_save = time.perf_counter()
-        bar.close()
-        if todo or not store.csv_path(name).is_file() or previous.get("run_key") != run_key:
-            save(final=True)
-        summary.explain_seconds = round(explain_total, 4)
-        summary.seconds = round(time.perf_counter() - t_method, 3)
-        summaries.append(summary)
+    session = _Session(
+        config, datasets, test, image_ids, extra, model, device, cache, RowStore(config.run_dir()),
+        {name: METRICS.get(name) for name in METRICS.list()}, data_key, clf_info["checkpoint_sha256"],
+    )
+    summaries = [_MethodRun(session, method).run() for method in methods]
 
     from .tables import write_tables
 
+    run_dir = config.run_dir()
     clf_public = {k: v for k, v in clf_info.items() if k != "history"}
     manifest = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -275,7 +311,7 @@ def run(config: RunConfig) -> RunResult:
         },
         "classifier": clf_public,
         "metrics": {n: {"higher_is_better": s.higher_is_better, "table": s.table, "label": s.label,
-                        "version": s.version} for n, s in metric_specs.items()},
+                        "version": s.version} for n, s in session.metric_specs.items()},
         "methods": [vars(s) for s in summaries],
         "wall_seconds": round(time.perf_counter() - t_run, 2),
     }

@@ -93,6 +93,6 @@ def rows_from_values(image_ids: list[str], values: dict[str, list[float]], run_k
     recs = [
         (iid, metric, float(v) if v is not None else math.nan, run_key)
         for metric, vals in values.items()
-        for iid, v in zip(image_ids, vals)
+        for iid, v in zip(image_ids, vals, strict=True)
     ]
     return pd.DataFrame.from_records(recs, columns=ROW_COLUMNS)

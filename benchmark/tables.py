@@ -139,7 +139,7 @@ def write_tables(run_dir: Path) -> list[Path]:
     table = metric_table(rows, metas, SEGMENTATION_METRICS)
     csv = table.rename(columns={m: specs[m].label for m in SEGMENTATION_METRICS})
     dataset, model = run_dir.parent.name, run_dir.name
-    presets = sorted({p for p, f in zip(table["preset"], table["family"]) if f != "reference" and p})
+    presets = sorted({p for p, f in zip(table["preset"], table["family"], strict=True) if f != "reference" and p})
     caption = (
         f"Segmentation scores of the merged class masks on {_latex_escape(dataset)} "
         f"({_latex_escape(model)}; {int(table['images'].max())} images; preset {', '.join(presets) or '-'}). "

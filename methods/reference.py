@@ -76,7 +76,7 @@ class GroundTruth(AttributionMethod):
         if batch is None:
             raise MethodError("ground-truth needs the batch's annotations (batch=...)")
         if not bool(batch.has_seg.all()):
-            missing = [i for i, ok in zip(batch.image_ids, batch.has_seg.tolist()) if not ok]
+            missing = [i for i, ok in zip(batch.image_ids, batch.has_seg.tolist(), strict=True) if not ok]
             raise MethodError(f"ground-truth: no segmentation for image(s) {missing[:5]}")
         idx = classes[:, :, None, None].expand(-1, -1, *batch.class_masks.shape[-2:])
         return torch.gather(batch.class_masks.to(images.device), 1, idx).to(images.dtype)

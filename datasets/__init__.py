@@ -1,0 +1,36 @@
+"""maskbench.datasets: loaders for PASCAL VOC, COCO and the embedded synthetic data set.
+
+Importing this package registers the builders ``voc``, ``coco``, ``synthetic`` and ``synthetic-coco`` in
+:data:`DATASETS`; :func:`build_dataset` builds one by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import DATASETS, AttributionDataset, Batch, Sample, collate
+from .coco import COCODataset
+from .synthetic import SYNTHETIC_CLASSES, SyntheticCOCODataset, SyntheticDataset, generate_synthetic
+from .voc import VOC_CLASSES, VOCDataset
+
+
+def build_dataset(name: str, **kwargs: Any) -> AttributionDataset:
+    """``DATASETS.get(name)(**kwargs)``; an unknown name raises :class:`UnknownNameError`."""
+    return DATASETS.get(name)(**kwargs)
+
+
+__all__ = [
+    "DATASETS",
+    "SYNTHETIC_CLASSES",
+    "VOC_CLASSES",
+    "AttributionDataset",
+    "Batch",
+    "COCODataset",
+    "Sample",
+    "SyntheticCOCODataset",
+    "SyntheticDataset",
+    "VOCDataset",
+    "build_dataset",
+    "collate",
+    "generate_synthetic",
+]

@@ -1,0 +1,162 @@
+"""End to end: synthetic data -> trained classifier -> methods -> metrics -> tables, resume, failures, CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from maskbench.benchmark.cli import main
+from maskbench.benchmark.config import RunConfig
+from maskbench.benchmark.runner import run
+from maskbench.benchmark.tables import write_all_tables
+from maskbench.datasets import generate_synthetic
+from maskbench.methods import AttributionMethod, register_method
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@register_method("test-nan-on-first")
+class NanOnFirst(AttributionMethod):
+    """Returns NaN maps for images whose first pixel is the batch's largest: a detectable failure."""
+
+    family = "plugin"
+
+    def explain(self, model, images, classes, *, batch=None):
+        out = torch.full((images.shape[0], classes.shape[1], *images.shape[-2:]), 0.5, device=images.device)
+        out[0] = float("nan")
+        return out
+
+
+@register_method("test-raises")
+class Raises(AttributionMethod):
+    family = "plugin"
+
+    def explain(self, model, images, classes, *, batch=None):
+        raise RuntimeError("boom")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_synthetic(root, n_train=96, n_val=24, n_test=16, image_size=32, seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def config(data_root, cache_dir, results, **kw):
+    base = dict(data_root=str(data_root), cache_dir=str(cache_dir), results_dir=str(results), progress=False,
+                batch_size=8)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+METHODS = ["constant-0", "constant-0.5", "constant-1", "ground-truth", "gradcam", "rise"]
+
+
+def test_end_to_end_tables_sanity_rows_and_resume(data_root, cache_dir, tmp_path):
+    res = tmp_path / "results"
+    first = run(config(data_root, cache_dir, res, methods=METHODS, limit=10))
+    assert all(s.computed == 10 and s.failed == 0 for s in first.summaries)
+    run_dir = res / "synthetic" / "smallcnn"
+    table = pd.read_csv(run_dir / "segmentation.csv").set_index("method")
+    assert list(table.index) == METHODS  # reference rows first, in Table 2 order
+    gt = table.loc["ground-truth"]
+    assert gt["Acc"] == pytest.approx(100) and gt["IoU"] == pytest.approx(100) and gt["MAE"] == pytest.approx(0)
+    assert table.loc["constant-0", "IoU"] == pytest.approx(0)
+    assert table.loc["constant-0.5", "MAE"] == pytest.approx(50)
+    assert table.loc["constant-0", "Acc"] == pytest.approx(100 - table.loc["constant-1", "Acc"], abs=1e-3)
+    assert (table["images"] == 10).all()
+    tex = (run_dir / "segmentation.tex").read_text()
+    assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") == 1
+    assert r"\toprule" in tex and r"\bottomrule" in tex and "Sal $\\downarrow$" in tex
+    assert sum(line.endswith(r"\\") for line in tex.splitlines()) == 1 + len(METHODS)  # header + one per method
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["git"]["commit"] and manifest["versions"]["torch_build"] == torch.__version__
+    assert manifest["classifier"]["checkpoint_sha256"]
+    assert {m["method"] for m in manifest["methods"]} == set(METHODS)
+
+    # the same run again recomputes nothing
+    again = run(config(data_root, cache_dir, res, methods=METHODS, limit=10))
+    assert all(s.skipped == 10 and s.computed == 0 and s.from_cache == 0 for s in again.summaries)
+
+    # a longer run computes only the new images; lost rows are re-scored from the mask cache
+    (run_dir / "per_image" / "gradcam.csv").unlink()
+    more = {s.method: s for s in run(config(data_root, cache_dir, res, methods=METHODS)).summaries}
+    assert more["rise"].skipped == 10 and more["rise"].computed == 6
+    assert more["gradcam"].from_cache == 10 and more["gradcam"].computed == 6
+
+    # tables are a pure function of the stored rows: rebuilt byte for byte
+    before = {p.name: p.read_bytes() for p in run_dir.glob("segmentation.*")}
+    for p in run_dir.glob("segmentation.*"):
+        p.unlink()
+    write_all_tables(res)
+    assert {p.name: p.read_bytes() for p in run_dir.glob("segmentation.*")} == before
+
+    # a different method configuration is a different cache key: recomputed, old rows not mixed in
+    changed = run(config(data_root, cache_dir, res, methods=["rise"], limit=4, seed=0, preset="paper"))
+    assert changed.summaries[0].computed == 4
+
+
+def test_failures_are_counted_never_scored(data_root, cache_dir, tmp_path):
+    res = tmp_path / "results"
+    out = run(config(data_root, cache_dir, res, methods=["test-nan-on-first", "test-raises"], limit=8,
+                     batch_size=4))
+    nan, raises = out.summaries
+    assert nan.nan_maps == 2 and nan.failed == 2 and nan.computed == 6
+    assert raises.failed == 8 and "boom" in raises.errors[0]
+    rows = pd.read_csv(res / "synthetic" / "smallcnn" / "per_image" / "test-nan-on-first.csv")
+    assert rows["image_id"].nunique() == 6
+    assert not (res / "synthetic" / "smallcnn" / "per_image" / "test-raises.csv").exists() or pd.read_csv(
+        res / "synthetic" / "smallcnn" / "per_image" / "test-raises.csv").empty
+
+
+def test_cli_errors_name_the_culprit(data_root, cache_dir, tmp_path, capsys):
+    common = ["--data-root", str(data_root), "--cache", str(cache_dir), "--results", str(tmp_path), "--no-progress"]
+    assert main(["bench", "--methods", "gradcam,risee", *common]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown method 'risee'" in err and "Did you mean: rise" in err and "gradcam" in err
+    assert main(["bench", "--dataset", "vocc", *common]) == 2
+    assert "Unknown dataset 'vocc'" in capsys.readouterr().err
+    missing = tmp_path / "no-such-voc"
+    assert main(["bench", "--dataset", "voc", "--data-root", str(missing), "--cache", str(cache_dir)]) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert main(["bench", "--table-classes", "dog", *common]) == 2
+    assert "Unknown class 'dog'" in capsys.readouterr().err
+    assert main(["tables", "--results", str(tmp_path / "empty")]) == 2
+
+
+def test_plugin_example_runs_through_the_cli(data_root, cache_dir, tmp_path):
+    args = ["bench", "--plugin", str(REPO / "examples" / "input_x_gradient.py"), "--methods",
+            "input-x-gradient,gradcam", "--limit", "4", "--data-root", str(data_root), "--cache", str(cache_dir),
+            "--results", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    table = pd.read_csv(tmp_path / "synthetic" / "smallcnn" / "segmentation.csv")
+    assert set(table["method"]) == {"input-x-gradient", "gradcam"}
+
+
+def test_entry_point_plugins_are_discovered(tmp_path):
+    pkg = tmp_path / "mb_fake_plugin"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from maskbench.methods import AttributionMethod\n"
+        "@dataclass\n"
+        "class Fake(AttributionMethod):\n"
+        "    family = 'plugin'\n"
+    )
+    dist = tmp_path / "mb_fake_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mb-fake-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[maskbench.methods]\nfake-method = mb_fake_plugin:Fake\n")
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "maskbench.benchmark", "methods"], capture_output=True, text=True,
+                         env=env, check=True)
+    assert "fake-method" in out.stdout and "mb_fake_plugin" in out.stdout
