@@ -67,7 +67,7 @@ from .base import DATASETS
 from .coco import COCODataset
 from .voc import VOCDataset
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"
 
 SYNTHETIC_CLASSES: list[str] = ["disc", "square", "triangle", "ring", "cross", "star"]
 SYNTHETIC_CATEGORY_IDS: list[int] = [1, 3, 5, 7, 9, 11]  # deliberately not contiguous, like COCO
@@ -83,7 +83,7 @@ _STYLES: dict[str, tuple[float, str]] = {
     "star": (0.50, "stripes"),
 }
 HUE_JITTER = 0.09
-SIZE_RANGE = (0.15, 0.35)  # circumscribed diameter / image side
+SIZE_RANGE = (0.3, 0.6)  # circumscribed diameter / image side
 MAX_OBJECTS = 3
 MIN_VISIBLE = 0.15  # placements leaving an earlier object less visible than this are rejected
 DIFFICULT_VISIBLE = 0.30  # visible fraction below which an object is difficult
