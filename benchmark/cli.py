@@ -32,6 +32,49 @@ def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _param(text: str) -> tuple[str, object]:
+    """``key=value`` with the value read as a Python literal when it is one (1, 0.5, True, None), else a string."""
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--param expects key=value, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _add_run_args(b: argparse.ArgumentParser, d: RunConfig) -> None:
+    """Options shared by ``bench`` and ``train``: data, classifier, device, presets, cache."""
+    b.add_argument("--dataset", default=d.dataset, help="registered data set (see `maskbench datasets`)")
+    b.add_argument("--model", default=None,
+                   help="registered classifier (see `maskbench models`); default: smallcnn for synthetic, "
+                   "vgg16 for voc/coco")
+    b.add_argument("--device", default=d.device, help="auto (CUDA if present), cpu, cuda, cuda:N")
+    b.add_argument("--seed", type=int, default=d.seed)
+    b.add_argument("--preset", default=d.preset, choices=PRESETS,
+                   help="method settings: fast (CPU default run) or paper (published settings)")
+    b.add_argument("--param", action="append", type=_param, default=[], metavar="KEY=VALUE",
+                   help="override a hyperparameter of the methods, e.g. --param num_masks=4000; repeatable")
+    b.add_argument("--data-root", default=None, help="data set root (VOCdevkit, COCO folder); synthetic: generated")
+    b.add_argument("--image-size", type=int, default=None, help="resize images to this square size")
+    b.add_argument("--cache", dest="cache_dir", default=None, help="cache dir (default $MASKBENCH_CACHE or "
+                   "~/.cache/maskbench): data, checkpoints, masks")
+    b.add_argument("--checkpoint", default=None, help="use this classifier checkpoint instead of training one")
+    b.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_plugin_arg(b)
+
+
+def _config(args: argparse.Namespace, **extra: object) -> RunConfig:
+    return RunConfig(
+        dataset=args.dataset, model=args.model, methods=args.methods, device=args.device, seed=args.seed,
+        preset=args.preset, method_params=dict(args.param), data_root=args.data_root, image_size=args.image_size,
+        cache_dir=args.cache_dir, plugins=args.plugin, checkpoint=args.checkpoint, progress=args.progress,
+        **extra,
+    )
+
+
 def _add_plugin_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
                    help="import a module (dotted name or .py path) that registers methods; repeatable")
@@ -47,30 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="explain, score and tabulate", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     d = RunConfig()
-    b.add_argument("--dataset", default=d.dataset, help="registered data set (see `maskbench datasets`)")
-    b.add_argument("--model", default=None,
-                   help="registered classifier (see `maskbench models`); default: smallcnn for synthetic, "
-                   "vgg16 for voc/coco")
+    _add_run_args(b, d)
     b.add_argument("--methods", type=_csv_list, default=list(DEFAULT_METHODS),
                    help="comma-separated method names, optionally name.preset (default: %(default)s)")
     b.add_argument("--split", default=d.split)
     b.add_argument("--limit", type=int, default=None, help="explain only the first N images of the split")
     b.add_argument("--batch-size", type=int, default=d.batch_size)
-    b.add_argument("--device", default=d.device, help="auto (CUDA if present), cpu, cuda, cuda:N")
-    b.add_argument("--seed", type=int, default=d.seed)
-    b.add_argument("--preset", default=d.preset, choices=PRESETS,
-                   help="method settings: fast (CPU default run) or paper (published settings)")
-    b.add_argument("--data-root", default=None, help="data set root (VOCdevkit, COCO folder); synthetic: generated")
-    b.add_argument("--image-size", type=int, default=None, help="resize images to this square size")
     b.add_argument("--results", dest="results_dir", default=d.results_dir)
-    b.add_argument("--cache", dest="cache_dir", default=None, help="cache dir (default $MASKBENCH_CACHE or "
-                   "~/.cache/maskbench): data, checkpoints, masks")
-    b.add_argument("--checkpoint", default=None, help="use this classifier checkpoint instead of training one")
     b.add_argument("--table-classes", type=_csv_list, default=None,
                    help="classes explained for every image (default: the data set's table classes)")
     b.add_argument("--no-resume", dest="resume", action="store_false", help="recompute rows already stored")
-    b.add_argument("--no-progress", dest="progress", action="store_false")
-    _add_plugin_arg(b)
+
+    tr = sub.add_parser("train", help="train (or load from the cache) learned methods; runs under torchrun too")
+    tr.add_argument("methods", type=_csv_list, help="comma-separated learned method names, e.g. explainer,rtis")
+    _add_run_args(tr, d)
 
     t = sub.add_parser("tables", help="rebuild every table from stored per-image rows (no model is run)")
     t.add_argument("--results", default="results")
@@ -94,13 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .runner import run
 
-    cfg = RunConfig(
-        dataset=args.dataset, model=args.model, methods=args.methods, split=args.split, limit=args.limit,
-        batch_size=args.batch_size, device=args.device, seed=args.seed, preset=args.preset,
-        data_root=args.data_root, image_size=args.image_size, results_dir=args.results_dir,
-        cache_dir=args.cache_dir, plugins=args.plugin, checkpoint=args.checkpoint,
-        table_classes=args.table_classes, resume=args.resume, progress=args.progress,
-    )
+    cfg = _config(args, split=args.split, limit=args.limit, batch_size=args.batch_size,
+                  results_dir=args.results_dir, table_classes=args.table_classes, resume=args.resume)
     result = run(cfg)
     clf = result.manifest["classifier"]
     print(f"classifier {cfg.model}: test mAP {clf.get('test_map', 'n/a')} ({clf.get('checkpoint')})")
@@ -117,6 +145,35 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"WARNING: {result.failed} (method, image) pairs failed and are not in the tables; see the "
               f"manifest.", file=sys.stderr)
         return 1
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Train learned methods; under ``torchrun`` every process joins one data-parallel training."""
+    import os
+
+    import torch
+
+    from .runner import train
+
+    cfg = _config(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+        torch.distributed.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        records = train(cfg)
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        for r in records:
+            print(f"{r['method']}: {'trained' if r.get('trained_here') else 'loaded'} in "
+                  f"{r.get('train_seconds', 0):.1f} s, {r.get('epochs', '?')} epochs, stopped by "
+                  f"{r.get('stopped', '?')}, best val loss {r.get('best_val_loss', '?')}, world size "
+                  f"{r.get('world_size', 1)} -> {r.get('checkpoint')}")
     return 0
 
 
@@ -173,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return _cmd_bench(args)
+        if args.command == "train":
+            return _cmd_train(args)
         if args.command == "tables":
             return _cmd_tables(args)
         if args.command == "methods":

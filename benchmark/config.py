@@ -55,6 +55,7 @@ class RunConfig:
     plugins: list[str] = field(default_factory=list)
     checkpoint: str | None = None
     table_classes: list[str] | str | None = None  # None: the data set's default
+    method_params: dict[str, Any] = field(default_factory=dict)  # hyperparameter overrides for every method
     resume: bool = True
     progress: bool = True
 

@@ -22,7 +22,7 @@ import torch
 
 from .config import RunConfig
 from .device import resolve_device, synchronize
-from .errors import UnknownNameError
+from .errors import MaskbenchError, UnknownNameError
 from .registry import import_plugin
 from .storage import cache_root, stable_hash, write_json
 from .store import MaskCache, RowStore, rows_from_values
@@ -115,6 +115,13 @@ class _Session:
     metric_specs: dict[str, Any]
     data_key: str
     clf_key: str
+    classifier_info: dict[str, Any] = field(default_factory=dict)
+
+    def method_context(self):
+        from maskbench.methods import MethodContext
+
+        return MethodContext(self.model, self.config.dataset, self.datasets, self.test.num_classes, self.device,
+                             self.cache, self.config.seed, self.config.progress, self.clf_key)
 
     def load_batch(self, ids: list[str]):
         from maskbench.datasets import collate
@@ -158,13 +165,8 @@ class _MethodRun:
         })
 
     def _setup(self) -> None:
-        from maskbench.methods import MethodContext
-
         if not self.is_setup:
-            s = self.s
-            ctx = MethodContext(s.model, s.config.dataset, s.datasets, s.test.num_classes, s.device, s.cache,
-                                s.config.seed, s.config.progress, s.clf_key)
-            self.summary.setup = self.method.setup(ctx) or {}
+            self.summary.setup = self.method.setup(self.s.method_context()) or {}
             self.is_setup = True
 
     def _explain_missing(self, ids: list[str], batch: Any, classes: torch.Tensor, masks: torch.Tensor,
@@ -257,21 +259,38 @@ class _MethodRun:
         return self.summary
 
 
-def run(config: RunConfig) -> RunResult:
-    """Run a benchmark configuration end to end; returns the per-method summaries and the manifest."""
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def build_methods(config: RunConfig) -> list[Any]:
+    """Import the plugins, then build every requested method (fails fast on a bad name, preset or parameter)."""
     for plugin in config.plugins:
         import_plugin(plugin)
-    from maskbench.datasets import build_dataset
     from maskbench.methods import build_method
+
+    return [build_method(spec, preset=config.preset, **config.method_params) for spec in config.methods]
+
+
+def prepare(config: RunConfig) -> _Session:
+    """Import plugins, build the data set's splits and the frozen classifier (trained and cached if needed).
+
+    Under ``torch.distributed`` rank 0 prepares first (generating data, training the classifier) while the other
+    ranks wait, then they load what it cached.
+    """
+    from maskbench.datasets import build_dataset
     from maskbench.metrics import METRICS
 
     from .classifiers import get_classifier
 
-    t_run = time.perf_counter()
-    methods = [build_method(spec, preset=config.preset) for spec in config.methods]  # fail fast on bad names
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     cache = Path(config.cache_dir) if config.cache_dir else cache_root()
+    rank, world = _distributed()
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()
 
     def datasets(split: str):
         return build_dataset(config.dataset, root=config.data_root, split=split, image_size=config.image_size)
@@ -279,15 +298,41 @@ def run(config: RunConfig) -> RunResult:
     test = datasets(config.split)
     image_ids = test.image_ids[: config.limit] if config.limit else list(test.image_ids)
     extra = _class_indices(config.resolved_table_classes(), test.classes)
-    data_key = test.fingerprint()
     train_key = datasets("train").fingerprint() if config.checkpoint is None else "external"
     model, clf_info = get_classifier(
         config.model, datasets, train_key, test.num_classes, device, cache, config.checkpoint, config.progress
     )
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
     session = _Session(
         config, datasets, test, image_ids, extra, model, device, cache, RowStore(config.run_dir()),
-        {name: METRICS.get(name) for name in METRICS.list()}, data_key, clf_info["checkpoint_sha256"],
+        {name: METRICS.get(name) for name in METRICS.list()}, test.fingerprint(), clf_info["checkpoint_sha256"],
     )
+    session.classifier_info = clf_info
+    return session
+
+
+def train(config: RunConfig) -> list[dict[str, Any]]:
+    """Train (or load from the cache) every learned method of ``config.methods``; returns their setup records."""
+    methods = build_methods(config)
+    not_learned = [m.name for m in methods if m.family != "learned"]
+    if not_learned:
+        from maskbench.methods import METHODS
+
+        learned = [n for n in METHODS.list() if METHODS.get(n).family == "learned"]
+        raise MaskbenchError(f"Not learned methods, nothing to train: {', '.join(not_learned)}. "
+                             f"Learned methods: {', '.join(learned) or '(none registered)'}.")
+    session = prepare(config)
+    return [{"method": m.name, **(m.setup(session.method_context()) or {})} for m in methods]
+
+
+def run(config: RunConfig) -> RunResult:
+    """Run a benchmark configuration end to end; returns the per-method summaries and the manifest."""
+    t_run = time.perf_counter()
+    methods = build_methods(config)
+    session = prepare(config)
+    device, test, image_ids, data_key = session.device, session.test, session.image_ids, session.data_key
+    clf_info = session.classifier_info
     summaries = [_MethodRun(session, method).run() for method in methods]
 
     from .tables import write_tables

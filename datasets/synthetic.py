@@ -673,6 +673,14 @@ def _prepare(
     return path
 
 
+def _native_resolution(path: Path, default: int) -> int:
+    """The resolution a data set on disk was generated at (its metadata), so it is not resized by default."""
+    try:
+        return int(json.loads((path / "metadata.json").read_text())["options"]["image_size"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return default
+
+
 @DATASETS.register("synthetic")
 def build_synthetic(
     root: str | os.PathLike[str] | None = None,
@@ -689,12 +697,12 @@ def build_synthetic(
     """The embedded synthetic set (VOC format), generated into the cache on first use.
 
     ``root`` None -> ``<cache>/data/synthetic-<hash of options>``; an existing complete ``root`` is read
-    as is. ``image_size`` None -> the generation ``resolution``.
+    as is. ``image_size`` None -> the resolution the data was generated at.
     """
     gen = dict(n_train=n_train, n_val=n_val, n_test=n_test, image_size=resolution, seed=seed,
                cooccurrence=cooccurrence)
     path = _prepare(root, "build_synthetic", options, gen)
-    return SyntheticDataset(path, split, image_size or resolution)
+    return SyntheticDataset(path, split, image_size or _native_resolution(path, resolution))
 
 
 @DATASETS.register("synthetic-coco")
@@ -714,4 +722,4 @@ def build_synthetic_coco(
     gen = dict(n_train=n_train, n_val=n_val, n_test=n_test, image_size=resolution, seed=seed,
                cooccurrence=cooccurrence)
     path = _prepare(root, "build_synthetic_coco", options, gen)
-    return SyntheticCOCODataset(path, split, image_size or resolution)
+    return SyntheticCOCODataset(path, split, image_size or _native_resolution(path, resolution))
