@@ -41,7 +41,8 @@ class MethodSummary:
     nan_maps: int = 0
     constant_maps: int = 0
     seconds: float = 0.0
-    explain_seconds: float = 0.0
+    explain_seconds: float = 0.0  # accumulated over the images computed under the current run key
+    explain_seconds_per_image: float | None = None
     errors: list[str] = field(default_factory=list)
     setup: dict[str, Any] = field(default_factory=dict)
 
@@ -121,7 +122,8 @@ class _Session:
         from maskbench.methods import MethodContext
 
         return MethodContext(self.model, self.config.dataset, self.datasets, self.test.num_classes, self.device,
-                             self.cache, self.config.seed, self.config.progress, self.clf_key)
+                             self.cache, self.config.seed, self.config.progress, self.clf_key,
+                             tuple(self.test.mean), tuple(self.test.std))
 
     def load_batch(self, ids: list[str]):
         from maskbench.datasets import collate
@@ -255,6 +257,8 @@ class _MethodRun:
         if todo or not s.store.csv_path(self.name).is_file() or not self.same_key_as_before:
             self.save(final=True)
         self.summary.explain_seconds = round(self.explain_total, 4)
+        if self.computed_total:
+            self.summary.explain_seconds_per_image = round(self.explain_total / self.computed_total, 6)
         self.summary.seconds = round(time.perf_counter() - t_method, 3)
         return self.summary
 

@@ -49,6 +49,8 @@ class MethodContext:
     seed: int = 0
     progress: bool = True
     classifier_key: str = ""
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # the data set's normalisation: input = (pixel - mean) / std
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
 
 @dataclass

@@ -1,0 +1,56 @@
+"""Every non-learned method on a classifier whose answer is known by construction: it only looks at the
+top-left quadrant, so every attribution must put its mass there: the top 10 % of each map's pixels lie in the
+quadrant (a quarter of the image) and the map is higher inside than outside on average."""
+
+import pytest
+import torch
+from torch import nn
+
+from maskbench.benchmark.classifiers import freeze
+from maskbench.methods import METHODS, build_method
+
+H = W = 32
+C = 3
+REFERENCE = {"constant-0", "constant-0.5", "constant-1", "ground-truth", "centre-gaussian", "random-uniform"}
+
+
+class QuadrantNet(nn.Module):
+    """Zeroes everything outside the top-left quadrant, then conv (no bias) - ReLU - positive 1x1 head - mean.
+
+    Nothing outside the quadrant can change a logit, and inside every feature pushes the logits up.
+    """
+
+    def __init__(self):
+        super().__init__()
+        quadrant = torch.zeros(1, 1, H, W)
+        quadrant[..., : H // 2, : W // 2] = 1
+        self.register_buffer("quadrant", quadrant)
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU())
+        self.head = nn.Conv2d(8, C, 1, bias=False)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.conv[0].weight.normal_(0.0, 0.5, generator=gen)
+            self.head.weight.uniform_(0.5, 2.0, generator=gen)
+        self.cam_layer = self.conv
+        self.feature_layers = [self.conv]
+
+    def forward(self, x):
+        return self.head(self.conv(x * self.quadrant)).mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS.list(exclude="test-*")
+                                  if n not in REFERENCE and METHODS.get(n).family != "learned"])
+def test_mass_lies_in_the_quadrant_the_model_reads(name):
+    model = freeze(QuadrantNet())
+    images = torch.randn(4, 3, H, W, generator=torch.Generator().manual_seed(1))
+    classes = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2]])
+    # RISE reads logits here: with these large logits a sigmoid would saturate and drown its Monte Carlo signal
+    overrides = {"rise": {"num_masks": 2000, "score": "logit"}}.get(name, {})
+    masks = build_method(name, preset="fast", **overrides).explain(model, images, classes)
+    inside = torch.zeros(H, W, dtype=torch.bool)
+    inside[: H // 2, : W // 2] = True
+    flat = masks.flatten(-2)
+    top = flat.topk(H * W // 10, dim=-1).indices  # the top 10 % pixels of each map
+    share_top = inside.flatten()[top].float().mean(-1)
+    assert share_top.min() >= 0.9, (name, share_top)
+    assert (flat[..., inside.flatten()].mean(-1) > flat[..., ~inside.flatten()].mean(-1)).all(), name
