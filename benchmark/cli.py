@@ -139,6 +139,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               f"{s.constant_maps:>5} {s.seconds:>8.2f}")
         for err in s.errors[:3]:
             print(f"{'':>16}   error: {err}")
+        if s.setup.get("stopped") == "time_budget":
+            print(f"{'':>16}   warning: training stopped by its wall-clock cap after {s.setup.get('steps')} steps; "
+                  f"the result depends on the machine's speed and load")
     print(f"wrote {result.run_dir}/segmentation.csv, segmentation.tex, manifest.json "
           f"({result.manifest['wall_seconds']:.1f} s)")
     if result.failed:

@@ -21,7 +21,20 @@ REFERENCE_METHODS = [
     "centre-gaussian",
     "random-uniform",
 ]
-DEFAULT_METHODS = [*REFERENCE_METHODS, "gradcam", "rise"]
+DEFAULT_METHODS = [
+    *REFERENCE_METHODS,
+    "gradcam",
+    "gradcam++",
+    "gradient",
+    "smoothgrad",
+    "integrated-gradients",
+    "rise",
+    "explainer",
+    "rtis",
+    "dgmp-bf",
+    "dgmp-cf",
+    "dgmp-cf-ft",
+]
 
 PRESETS = ("fast", "paper")
 

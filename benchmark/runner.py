@@ -28,6 +28,7 @@ from .storage import cache_root, stable_hash, write_json
 from .store import MaskCache, RowStore, rows_from_values
 
 SAVE_EVERY_SECONDS = 20.0
+COMPLETE = "_complete"  # per-image marker row: all metrics of the image were stored
 
 
 @dataclass
@@ -144,8 +145,8 @@ class _MethodRun:
                                / f"{self.name}-{method.cache_key()}")
         rows = session.store.load(self.name)
         current = rows[rows["run_key"] == self.run_key] if session.config.resume else rows.iloc[0:0]
-        counts = current.groupby("image_id")["metric"].nunique() if len(current) else pd.Series(dtype=int)
-        self.done = {iid for iid, n in counts.items() if n >= len(session.metric_specs)}
+        # an image is done when its rows were stored (each scored image carries a COMPLETE marker row)
+        self.done = set(current.loc[current["metric"] == COMPLETE, "image_id"])
         self.kept = current[current["image_id"].isin(self.done)]
         self.new_rows: list[pd.DataFrame] = []
         previous = session.store.load_meta(self.name)
@@ -219,8 +220,17 @@ class _MethodRun:
         kb = batch if len(keep) == len(ids) else self.s.load_batch([ids[j] for j in keep])
         kt = torch.tensor(keep, device=self.s.device)
         inputs = MetricInputs(self.s.model, kb.images, masks[kt], classes[kt], kb)
-        values = {n: spec.fn(inputs).float().cpu().tolist() for n, spec in self.s.metric_specs.items()}
-        self.new_rows.append(rows_from_values([ids[j] for j in keep], values, self.run_key))
+        values: dict[str, list[float]] = {}
+        for n, spec in self.s.metric_specs.items():
+            result = spec.fn(inputs)
+            if isinstance(result, dict):  # a table of values per image, e.g. classmask/t<target>/m<mask>
+                values.update({f"{n}/{key}": v.float().cpu().tolist() for key, v in result.items()})
+            else:
+                values[n] = result.float().cpu().tolist()
+        values[COMPLETE] = [1.0] * len(keep)
+        rows = rows_from_values([ids[j] for j in keep], values, self.run_key)
+        # cells of a per-image table that do not apply to an image (NaN) are left out; scalar NaN are kept
+        self.new_rows.append(rows[~(rows["metric"].str.contains("/") & rows["value"].isna())])
 
     def run(self) -> MethodSummary:
         from tqdm.auto import tqdm

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .storage import atomic_write
+from .storage import atomic_write, read_json
 from .store import RowStore
 
 FAMILY_ORDER = ["reference", "gradient", "perturbation", "learned", "plugin", ""]
@@ -127,6 +127,39 @@ def to_latex(table: pd.DataFrame, metrics: list[str], labels: dict[str, str], hi
 SEGMENTATION_METRICS = ["acc", "iou", "sal", "mae"]
 
 
+def class_table(rows: pd.DataFrame, metas: dict[str, dict], class_names: list[str] | None) -> pd.DataFrame:
+    """Long table of NeurIPS 2022 Table 1: mean softmax probability (%) of target t under the mask of class m."""
+    sub = rows[rows["metric"].str.startswith("classmask/")].copy()
+    if sub.empty:
+        return pd.DataFrame(columns=["method", "label", "target", "mask", "value", "images"])
+    parts = sub["metric"].str.split("/", expand=True)
+    sub["target"] = parts[1].str.slice(1).astype(int)
+    sub["mask"] = parts[2]
+    g = sub.groupby(["method", "target", "mask"])["value"]
+    out = pd.DataFrame({"value": g.mean(), "images": g.count()}).reset_index()
+
+    def name(i: int) -> str:
+        return class_names[i] if class_names and i < len(class_names) else str(i)
+
+    out["mask"] = [("none" if m == "none" else name(int(m[1:]))) for m in out["mask"]]
+    out["target"] = [name(t) for t in out["target"]]
+    order = {m: i for i, m in enumerate(_method_order(metas))}
+    out["label"] = [metas[m].get("label", m) for m in out["method"]]
+    out = out.sort_values(["method", "target", "mask"], key=lambda c: c.map(order) if c.name == "method" else c)
+    return out[["method", "label", "target", "mask", "value", "images"]].reset_index(drop=True)
+
+
+def class_contrast(table: pd.DataFrame) -> pd.DataFrame:
+    """Per method: mean diagonal cell, mean off-diagonal cell and their difference (the contrast)."""
+    cells = table[table["mask"] != "none"]
+    diag = cells[cells["target"] == cells["mask"]].groupby("method", sort=False)["value"].mean()
+    off = cells[cells["target"] != cells["mask"]].groupby("method", sort=False)["value"].mean()
+    labels = table.drop_duplicates("method").set_index("method")["label"]
+    out = pd.DataFrame({"label": labels, "diagonal": diag, "off_diagonal": off})
+    out["contrast"] = out["diagonal"] - out["off_diagonal"]
+    return out.reset_index()
+
+
 def write_tables(run_dir: Path) -> list[Path]:
     """(Re)write every table of a run directory from its stored rows. Returns the files written."""
     from maskbench.metrics import METRICS
@@ -158,6 +191,25 @@ def write_tables(run_dir: Path) -> list[Path]:
         atomic_write(run_dir / "segmentation.csv", csv.to_csv(index=False, float_format="%.4f", lineterminator="\n")),
         atomic_write(run_dir / "segmentation.tex", tex),
     ]
+    manifest = run_dir / "manifest.json"
+    names = read_json(manifest).get("dataset", {}).get("classes") if manifest.is_file() else None
+    classes = class_table(rows, metas, names)
+    if not classes.empty:
+        contrast = class_contrast(classes)
+        contrast["family"] = [metas[m].get("family", "") for m in contrast["method"]]
+        written.append(atomic_write(run_dir / "class_table.csv",
+                                    classes.to_csv(index=False, float_format="%.4f", lineterminator="\n")))
+        written.append(atomic_write(run_dir / "class_contrast.csv", contrast.to_csv(
+            index=False, float_format="%.4f", lineterminator="\n")))
+        cap = (f"Class-specific masking on {_latex_escape(dataset)} ({_latex_escape(model)}), after Table 1 of "
+               r"Stalder et al.\ (2022): softmax probability (\%) of a target class when the image is masked with "
+               r"its own class mask (diagonal) or another class's mask (off-diagonal), thresholds 0.1--0.9; "
+               r"contrast = diagonal $-$ off-diagonal. Full matrices in class\_table.csv.")
+        written.append(atomic_write(run_dir / "class_contrast.tex", to_latex(
+            contrast, ["diagonal", "off_diagonal", "contrast"],
+            {"diagonal": "Diagonal", "off_diagonal": "Off-diagonal", "contrast": "Contrast"},
+            {"diagonal": True, "off_diagonal": False, "contrast": True}, cap,
+            f"tab:class-contrast-{dataset}-{model}")))
     return written
 
 

@@ -58,9 +58,10 @@ class LearnedMethod(AttributionMethod):
     lr: float = 1e-5
     batch_size: int = 16
     max_epochs: int = 1000
+    max_steps: int | None = None  # optimiser steps; with max_epochs, what bounds a fast preset reproducibly
     patience: int = 5
     min_delta: float = 1e-3
-    max_train_seconds: float | None = None
+    max_train_seconds: float | None = None  # a safety cap on wall time (then the result depends on the machine)
     seed: int = 42
 
     family = "learned"
@@ -75,6 +76,10 @@ class LearnedMethod(AttributionMethod):
 
     def predict(self, net: nn.Module, model: nn.Module, images: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def lr_scheduler(self, opt: torch.optim.Optimizer) -> Any:
+        """An optional learning-rate schedule, stepped once per epoch (None: constant rate)."""
+        return None
 
     # -- contract --------------------------------------------------------------------------------------------
     def training_key(self, ctx: MethodContext) -> str:
@@ -121,7 +126,8 @@ class LearnedMethod(AttributionMethod):
         train_net: nn.Module = net
         if world > 1:
             train_net = nn.parallel.DistributedDataParallel(net)
-        opt = torch.optim.Adam(net.parameters(), lr=self.lr)
+        opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=self.lr)
+        sched = self.lr_scheduler(opt)
         gen = torch.Generator().manual_seed(self.seed)
         best_loss, best_state, best_epoch, bad_epochs = math.inf, None, 0, 0
         history: list[dict[str, float]] = []
@@ -137,7 +143,7 @@ class LearnedMethod(AttributionMethod):
             perm = perm[rank * per_rank : (rank + 1) * per_rank]
             sums: dict[str, Tensor] = {}
             n_batches = 0
-            out_of_time = False
+            out_of_time = out_of_steps = False
             n_steps = max(len(perm) // self.batch_size, 1)  # equal step counts on every rank (DDP)
             for b in range(n_steps):
                 idx = perm[b * self.batch_size : (b + 1) * self.batch_size]
@@ -150,13 +156,20 @@ class LearnedMethod(AttributionMethod):
                 n_batches += 1
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v.detach()
+                if self.max_steps is not None and steps >= self.max_steps:
+                    out_of_steps = True
+                    break
                 if self.max_train_seconds is not None:
-                    late = torch.tensor(float(time.perf_counter() - t0 > self.max_train_seconds))
+                    late = time.perf_counter() - t0 > self.max_train_seconds
                     if world > 1:  # every rank stops at the same step
-                        torch.distributed.all_reduce(late, op=torch.distributed.ReduceOp.MAX)
-                    if late.item() > 0:
+                        flag = torch.tensor(float(late))
+                        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                        late = bool(flag.item() > 0)
+                    if late:
                         out_of_time = True
                         break
+            if sched is not None:
+                sched.step()
             val_loss = self.validation_loss(net, model, x_val, y_val, ctx.device)
             record = {"epoch": epoch + 1, "val_loss": round(val_loss, 6),
                       **{f"train_{k}": round(float(v) / max(n_batches, 1), 6) for k, v in sums.items()}}
@@ -169,6 +182,9 @@ class LearnedMethod(AttributionMethod):
                 bad_epochs += 1
             if out_of_time:
                 stopped = "time_budget"
+                break
+            if out_of_steps:
+                stopped = "max_steps"
                 break
             if bad_epochs >= self.patience:
                 stopped = "early_stopping"
