@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from maskbench.datasets.base import stack_split
+
 from .errors import MaskbenchError
 from .registry import Registry
 from .storage import atomic_write, file_sha256, read_json, stable_hash, write_json
@@ -218,16 +220,6 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return torch.where(npos > 0, ap, torch.full_like(ap, math.nan))
 
 
-def _stack_split(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load a (small) split into memory as image and label tensors."""
-    images, labels = [], []
-    for i in range(len(dataset)):
-        s = dataset[i]
-        images.append(s.image)
-        labels.append(s.label)
-    return torch.stack(images), torch.stack(labels)
-
-
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
     out = [model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
@@ -250,8 +242,8 @@ def train_classifier(
 
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
-    x_train, y_train = _stack_split(train_set)
-    x_val, y_val = _stack_split(val_set)
+    x_train, y_train = stack_split(train_set)
+    x_val, y_val = stack_split(val_set)
     model.to(device)
     if recipe.freeze_backbone and isinstance(model, TorchvisionClassifier):
         for p in model.backbone_parameters():
@@ -354,7 +346,7 @@ def get_classifier(
             model = spec.build(num_classes)
             train_info = train_classifier(model, datasets("train"), datasets("val"), spec.recipe, device, progress)
             test = datasets("test")
-            x_test, y_test = _stack_split(test)
+            x_test, y_test = stack_split(test)
             freeze(model)
             ap = average_precision(predict(model, x_test, device), y_test)
             train_info["test_map"] = round(float(ap.nanmean()), 5)

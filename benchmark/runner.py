@@ -153,6 +153,8 @@ class _MethodRun:
         self.same_key_as_before = previous.get("run_key") == self.run_key
         self.explain_total = float(previous.get("explain_seconds", 0.0)) if self.same_key_as_before else 0.0
         self.computed_total = int(previous.get("images_computed", 0)) if self.same_key_as_before else 0
+        if self.same_key_as_before:  # a resumed run still reports how the method was trained
+            self.summary.setup = dict(previous.get("setup", {}))
         self.is_setup = False
 
     def save(self, final: bool = False) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -104,6 +105,18 @@ def collate(samples: Sequence[Sample]) -> Batch:
         box_labels=[s.box_labels for s in samples],
         box_difficult=[s.box_difficult for s in samples],
     )
+
+
+def stack_split(dataset: Any) -> tuple[Tensor, Tensor]:
+    """All images (N, 3, H, W) and labels (N, C) of a split, in memory (for the small training splits).
+
+    A split that already holds ``images`` and ``labels`` tensors is returned as is.
+    """
+    images, labels = getattr(dataset, "images", None), getattr(dataset, "labels", None)
+    if isinstance(images, Tensor) and isinstance(labels, Tensor):
+        return images, labels
+    samples = [dataset[i] for i in range(len(dataset))]
+    return torch.stack([s.image for s in samples]), torch.stack([s.label for s in samples])
 
 
 class AttributionDataset(torch.utils.data.Dataset):

@@ -96,6 +96,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskbench.benchmark.errors import MaskbenchError
+from maskbench.datasets.base import stack_split
 
 from .base import MethodContext, register_method
 from .learned import LearnedMethod
@@ -497,8 +498,8 @@ class DGMP(LearnedMethod):
 
     def fit(self, net: nn.Module, ctx: MethodContext, train: Any, val: Any) -> dict[str, Any]:
         t0 = time.perf_counter()
-        x, y = _stack(train)
-        x_val, y_val = _stack(val)
+        x, y = stack_split(train)
+        x_val, y_val = stack_split(val)
         filter_info = self.pretrain_filter(net, ctx.model, x, y, x_val, y_val, ctx.device)  # type: ignore[arg-type]
         budget = self.max_train_seconds
         if budget is not None:
@@ -522,13 +523,6 @@ class _TensorSplit:
 
     def __getitem__(self, i: int) -> SimpleNamespace:
         return SimpleNamespace(image=self.images[i], label=self.labels[i])
-
-
-def _stack(dataset: Any) -> tuple[Tensor, Tensor]:
-    if isinstance(dataset, _TensorSplit):
-        return dataset.images, dataset.labels
-    samples = [dataset[i] for i in range(len(dataset))]
-    return torch.stack([s.image for s in samples]), torch.stack([s.label for s in samples])
 
 
 @register_method("dgmp-bf")

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from maskbench.benchmark.errors import MaskbenchError
 from maskbench.benchmark.storage import atomic_write, read_json, stable_hash, write_json
+from maskbench.datasets.base import stack_split
 
 from .base import AttributionMethod, MethodContext
 
@@ -42,15 +43,6 @@ def _dist() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def _stack(dataset: Any) -> tuple[Tensor, Tensor]:
-    images, labels = [], []
-    for i in range(len(dataset)):
-        s = dataset[i]
-        images.append(s.image)
-        labels.append(s.label)
-    return torch.stack(images), torch.stack(labels)
 
 
 @dataclass
@@ -121,8 +113,8 @@ class LearnedMethod(AttributionMethod):
         if model.training or any(p.requires_grad for p in model.parameters()):
             raise MaskbenchError(f"{self.name}: the classifier must be frozen and in eval() before training")
         rank, world = _dist()
-        x_train, y_train = _stack(train)
-        x_val, y_val = _stack(val)
+        x_train, y_train = stack_split(train)
+        x_val, y_val = stack_split(val)
         train_net: nn.Module = net
         if world > 1:
             train_net = nn.parallel.DistributedDataParallel(net)
