@@ -119,6 +119,41 @@ def stack_split(dataset: Any) -> tuple[Tensor, Tensor]:
     return torch.stack([s.image for s in samples]), torch.stack([s.label for s in samples])
 
 
+IN_MEMORY_BYTES = 2 * 1024**3  # splits up to this size are held in memory for training
+
+
+class SplitView:
+    """Images and labels of a training split, addressed by index tensors: ``images, labels = view[idx]``.
+
+    A split whose images fit in ``max_bytes`` is stacked in memory once (the synthetic set, VOC-2007 at 224 px);
+    a larger one (COCO-2014) is read from its data set batch by batch, so training never holds it whole.
+    """
+
+    def __init__(self, dataset: Any, max_bytes: int | None = None):
+        if isinstance(dataset, SplitView):
+            self.dataset, self.images, self.labels = dataset.dataset, dataset.images, dataset.labels
+            return
+        self.dataset = dataset
+        self.images = self.labels = None
+        limit = IN_MEMORY_BYTES if max_bytes is None else max_bytes
+        if len(dataset) and len(dataset) * dataset[0].image.numel() * 4 <= limit:
+            self.images, self.labels = stack_split(dataset)
+
+    def __len__(self) -> int:
+        return len(self.dataset) if self.images is None else len(self.images)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.images is not None
+
+    def __getitem__(self, idx: Tensor | slice) -> tuple[Tensor, Tensor]:
+        if self.images is not None:
+            return self.images[idx], self.labels[idx]
+        rows = range(len(self))[idx] if isinstance(idx, slice) else idx.tolist()
+        samples = [self.dataset[i] for i in rows]
+        return torch.stack([s.image for s in samples]), torch.stack([s.label for s in samples])
+
+
 class AttributionDataset(torch.utils.data.Dataset):
     """Base class of the loaders. Subclasses fill ``classes``, ``image_ids`` and implement ``load``."""
 

@@ -88,7 +88,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, fields
-from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
@@ -96,7 +95,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskbench.benchmark.errors import MaskbenchError
-from maskbench.datasets.base import stack_split
+from maskbench.datasets.base import SplitView
 
 from .base import MethodContext, register_method
 from .learned import LearnedMethod
@@ -451,27 +450,28 @@ class DGMP(LearnedMethod):
         """The paper's step decay (halve every 3 epochs); to be stepped once per epoch by the training loop."""
         return torch.optim.lr_scheduler.StepLR(opt, step_size=self.lr_decay_every, gamma=self.lr_decay)
 
-    def pretrain_filter(self, net: MaskGenerator, model: nn.Module, x: Tensor, y: Tensor, x_val: Tensor,
-                        y_val: Tensor, device: torch.device) -> dict[str, Any]:
+    def pretrain_filter(self, net: MaskGenerator, model: nn.Module, train: SplitView, val: SplitView,
+                        device: torch.device) -> dict[str, Any]:
         """App. A.1: train the class embeddings alone with BCE(mean_ij sigmoid(X_ij^T C_s), y_s), then freeze them."""
         t0 = time.perf_counter()
         steps = math.ceil(self.filter_images / self.batch_size) if self.filter_images > 0 else 0
         opt = torch.optim.Adam([net.embedding], lr=self.filter_lr)
         gen = torch.Generator().manual_seed(self.seed + 2)
-        per_epoch = max(len(x) // self.batch_size, 1)
+        per_epoch = max(len(train) // self.batch_size, 1)
         losses = torch.zeros(steps, device=device)  # kept on the device: no host sync per step
-        perm = torch.randperm(len(x), generator=gen)
+        perm = torch.randperm(len(train), generator=gen)
         cap = None if self.max_train_seconds is None else FILTER_BUDGET_SHARE * self.max_train_seconds
         done = 0
         for step in range(steps):
             if cap is not None and time.perf_counter() - t0 > cap:
                 break
             if step % per_epoch == 0 and step:
-                perm = torch.randperm(len(x), generator=gen)
+                perm = torch.randperm(len(train), generator=gen)
             idx = perm[(step % per_epoch) * self.batch_size : (step % per_epoch + 1) * self.batch_size]
-            deep = self._features(model, x[idx].to(device))[-1]
+            xb, yb = train[idx]
+            deep = self._features(model, xb.to(device))[-1]
             scores = net.filter_scores(deep).clamp(1e-6, 1 - 1e-6)
-            loss = F.binary_cross_entropy(scores, y[idx].to(device))
+            loss = F.binary_cross_entropy(scores, yb.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -480,12 +480,13 @@ class DGMP(LearnedMethod):
         losses = losses[:done]
         net.embedding.requires_grad_(False)
         with torch.no_grad():
-            val = []
-            for i in range(0, len(x_val), 256):
-                deep = self._features(model, x_val[i : i + 256].to(device))[-1]
-                val.append(net.filter_scores(deep).cpu())
-            scores = torch.cat(val).clamp(1e-6, 1 - 1e-6)
-            val_loss = float(F.binary_cross_entropy(scores, y_val)) if len(val) else math.nan
+            val_scores, val_labels = [], []
+            for i in range(0, len(val), 256):
+                xb, yb = val[i : i + 256]
+                val_scores.append(net.filter_scores(self._features(model, xb.to(device))[-1]).cpu())
+                val_labels.append(yb)
+            scores = torch.cat(val_scores).clamp(1e-6, 1 - 1e-6) if val_scores else None
+            val_loss = float(F.binary_cross_entropy(scores, torch.cat(val_labels))) if val_scores else math.nan
         k = min(20, done)
         return {
             "filter_steps": done,
@@ -498,31 +499,17 @@ class DGMP(LearnedMethod):
 
     def fit(self, net: nn.Module, ctx: MethodContext, train: Any, val: Any) -> dict[str, Any]:
         t0 = time.perf_counter()
-        x, y = stack_split(train)
-        x_val, y_val = stack_split(val)
-        filter_info = self.pretrain_filter(net, ctx.model, x, y, x_val, y_val, ctx.device)  # type: ignore[arg-type]
+        train, val = SplitView(train), SplitView(val)  # loaded once, shared with LearnedMethod.fit
+        filter_info = self.pretrain_filter(net, ctx.model, train, val, ctx.device)  # type: ignore[arg-type]
         budget = self.max_train_seconds
         if budget is not None:
             self.max_train_seconds = max(budget - (time.perf_counter() - t0), 0.0)
         try:
-            info = super().fit(net, ctx, _TensorSplit(x, y), _TensorSplit(x_val, y_val))
+            info = super().fit(net, ctx, train, val)
         finally:
             self.max_train_seconds = budget
         return {**info, **filter_info, "train_seconds": round(time.perf_counter() - t0, 2),
                 "decoder_seconds": info["train_seconds"]}
-
-
-class _TensorSplit:
-    """A split already in memory, served as samples (so ``LearnedMethod.fit`` does not decode it again)."""
-
-    def __init__(self, images: Tensor, labels: Tensor):
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> SimpleNamespace:
-        return SimpleNamespace(image=self.images[i], label=self.labels[i])
 
 
 @register_method("dgmp-bf")

@@ -9,8 +9,10 @@ A subclass provides three hooks:
 * ``predict(net, model, images)`` -> (B, C, H, W) masks in [0, 1] for every class.
 
 :meth:`LearnedMethod.setup` trains (or loads) the network: Adam, mini-batches from the data set's ``train``
-split, early stopping on the ``val`` loss (``patience``, ``min_delta``), an optional wall-clock budget
-(``max_train_seconds``, used by the CPU ``fast`` presets), seeded. The checkpoint is cached under
+split (held in memory when it fits in 2 GB, read batch by batch otherwise, see
+:class:`~maskbench.datasets.base.SplitView`), early stopping on the ``val`` loss (``patience``, ``min_delta``),
+a step limit (``max_steps``, which bounds the CPU ``fast`` presets reproducibly) and an optional wall-clock cap
+(``max_train_seconds``), seeded. The checkpoint is cached under
 ``<cache>/learned/`` keyed by method, configuration, data set and classifier checkpoint hash, written atomically
 and loaded with ``torch.load(..., weights_only=True)``. Under ``torchrun`` (``torch.distributed`` initialised)
 the network is wrapped in DistributedDataParallel and each process takes its shard of every epoch (gloo on CPU,
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 
 from maskbench.benchmark.errors import MaskbenchError
 from maskbench.benchmark.storage import atomic_write, read_json, stable_hash, write_json
-from maskbench.datasets.base import stack_split
+from maskbench.datasets.base import SplitView
 
 from .base import AttributionMethod, MethodContext
 
@@ -113,8 +115,7 @@ class LearnedMethod(AttributionMethod):
         if model.training or any(p.requires_grad for p in model.parameters()):
             raise MaskbenchError(f"{self.name}: the classifier must be frozen and in eval() before training")
         rank, world = _dist()
-        x_train, y_train = stack_split(train)
-        x_val, y_val = stack_split(val)
+        train_split, val_split = SplitView(train), SplitView(val)
         train_net: nn.Module = net
         if world > 1:
             train_net = nn.parallel.DistributedDataParallel(net)
@@ -130,7 +131,7 @@ class LearnedMethod(AttributionMethod):
         stopped = "max_epochs"
         for epoch in bar:
             net.train()
-            perm = torch.randperm(len(x_train), generator=gen)
+            perm = torch.randperm(len(train_split), generator=gen)
             per_rank = len(perm) // world
             perm = perm[rank * per_rank : (rank + 1) * per_rank]
             sums: dict[str, Tensor] = {}
@@ -139,8 +140,8 @@ class LearnedMethod(AttributionMethod):
             n_steps = max(len(perm) // self.batch_size, 1)  # equal step counts on every rank (DDP)
             for b in range(n_steps):
                 idx = perm[b * self.batch_size : (b + 1) * self.batch_size]
-                terms = self.training_loss(train_net, model, x_train[idx].to(ctx.device),
-                                           y_train[idx].to(ctx.device), gen)
+                xb, yb = train_split[idx]
+                terms = self.training_loss(train_net, model, xb.to(ctx.device), yb.to(ctx.device), gen)
                 opt.zero_grad(set_to_none=True)
                 terms["loss"].backward()
                 opt.step()
@@ -162,7 +163,7 @@ class LearnedMethod(AttributionMethod):
                         break
             if sched is not None:
                 sched.step()
-            val_loss = self.validation_loss(net, model, x_val, y_val, ctx.device)
+            val_loss = self.validation_loss(net, model, val_split, ctx.device)
             record = {"epoch": epoch + 1, "val_loss": round(val_loss, 6),
                       **{f"train_{k}": round(float(v) / max(n_batches, 1), 6) for k, v in sums.items()}}
             history.append(record)
@@ -195,17 +196,17 @@ class LearnedMethod(AttributionMethod):
         }
 
     @torch.no_grad()
-    def validation_loss(self, net: nn.Module, model: nn.Module, x: Tensor, y: Tensor, device: torch.device,
+    def validation_loss(self, net: nn.Module, model: nn.Module, split: SplitView, device: torch.device,
                         batch_size: int = 64) -> float:
         """Mean total loss on the validation split, with a fixed generator so epochs are comparable."""
         net.eval()
         gen = torch.Generator().manual_seed(self.seed + 1)
         total, n = 0.0, 0
-        for i in range(0, len(x), batch_size):
-            terms = self.training_loss(net, model, x[i : i + batch_size].to(device), y[i : i + batch_size].to(device),
-                                       gen)
-            total += float(terms["loss"]) * len(x[i : i + batch_size])
-            n += len(x[i : i + batch_size])
+        for i in range(0, len(split), batch_size):
+            x, y = split[i : i + batch_size]
+            terms = self.training_loss(net, model, x.to(device), y.to(device), gen)
+            total += float(terms["loss"]) * len(x)
+            n += len(x)
         return total / max(n, 1)
 
     @torch.no_grad()

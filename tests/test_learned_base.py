@@ -55,6 +55,29 @@ def test_train_cache_and_frozen_classifier(data_root, tmp_path):
     assert info3["stopped"] == "time_budget" and info3["epochs"] == 1 and info3["steps"] == 1
 
 
+def test_streamed_training_split_equals_in_memory(data_root, tmp_path, monkeypatch):
+    """A split too large for memory is read batch by batch; training sees exactly the same batches."""
+    import maskbench.datasets.base as base
+
+    import_plugin(str(PLUGIN))
+    train = build_dataset("synthetic", root=data_root, split="train")
+    idx = torch.tensor([5, 0, 17, 3])
+    memory, streamed = base.SplitView(train), base.SplitView(train, max_bytes=0)
+    assert memory.in_memory and not streamed.in_memory and len(streamed) == len(train)
+    for a, b in zip(memory[idx], streamed[idx], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(memory[2:9], streamed[2:9], strict=True):
+        assert torch.equal(a, b)
+    model = tiny_model(6)
+    first = build_method("test-tiny-learned")
+    first.setup(context(data_root, tmp_path / "memory", model))
+    monkeypatch.setattr(base, "IN_MEMORY_BYTES", 0)
+    second = build_method("test-tiny-learned")
+    second.setup(context(data_root, tmp_path / "streamed", model))
+    for (k, a), b in zip(first._net.state_dict().items(), second._net.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
 def test_training_refuses_an_unfrozen_classifier(data_root, tmp_path):
     import_plugin(str(PLUGIN))
     model = tiny_model(6).train()
