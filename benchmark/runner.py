@@ -181,7 +181,7 @@ class _MethodRun:
 
         self._setup()
         sub = torch.tensor(missing, device=self.s.device)
-        sub_batch = batch if len(missing) == len(ids) else self.s.load_batch([ids[j] for j in missing])
+        sub_batch = batch if len(missing) == len(ids) else batch.select(missing)
         try:
             synchronize(self.s.device)
             t0 = time.perf_counter()
@@ -219,7 +219,7 @@ class _MethodRun:
         keep = torch.nonzero(ok).flatten().tolist()
         if not keep:
             return
-        kb = batch if len(keep) == len(ids) else self.s.load_batch([ids[j] for j in keep])
+        kb = batch if len(keep) == len(ids) else batch.select(keep)
         kt = torch.tensor(keep, device=self.s.device)
         inputs = MetricInputs(self.s.model, kb.images, masks[kt], classes[kt], kb)
         values: dict[str, list[float]] = {}

@@ -75,6 +75,21 @@ class Batch:
             box_difficult=[b.to(device) for b in self.box_difficult],
         )
 
+    def select(self, rows: list[int]) -> Batch:
+        """The sub-batch of the given rows (no reloading from disk)."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.images.device)
+        return Batch(
+            images=self.images[idx],
+            labels=self.labels[idx],
+            image_ids=[self.image_ids[i] for i in rows],
+            class_masks=self.class_masks[idx],
+            ignore=self.ignore[idx],
+            has_seg=self.has_seg[idx],
+            boxes=[self.boxes[i] for i in rows],
+            box_labels=[self.box_labels[i] for i in rows],
+            box_difficult=[self.box_difficult[i] for i in rows],
+        )
+
     @property
     def segmentation(self) -> Tensor:
         """(B, H, W) bool union of the masks of each image's true classes."""

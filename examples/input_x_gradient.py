@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from maskbench.methods import AttributionMethod, normalize_maps, register_method
+from maskbench.methods import AttributionMethod, image_class_pairs, normalize_maps, register_method
 
 
 @register_method("input-x-gradient")
@@ -26,8 +26,8 @@ class InputXGradient(AttributionMethod):
         from captum.attr import InputXGradient as CaptumIxG
 
         b, k = classes.shape
-        x = images.repeat_interleave(k, dim=0)  # one row per (image, class)
-        attr = CaptumIxG(model).attribute(x, target=classes.reshape(-1))
+        x, targets = image_class_pairs(images, classes)  # one row per (image, class)
+        attr = CaptumIxG(model).attribute(x, target=targets)
         maps = attr.detach().abs().sum(1).view(b, k, *images.shape[-2:])
         return normalize_maps(maps)
 

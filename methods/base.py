@@ -154,6 +154,13 @@ def check_masks(masks: Tensor, images: Tensor, classes: Tensor, method: str) -> 
     return nan
 
 
+def image_class_pairs(images: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
+    """One row per (image, class), image-major: the images repeated K times (a fresh leaf that requires grad,
+    for gradient methods) and the flat class targets."""
+    x = images.detach().repeat_interleave(classes.shape[1], dim=0).requires_grad_(True)
+    return x, classes.reshape(-1)
+
+
 def normalize_maps(maps: Tensor, eps: float = 1e-12) -> Tensor:
     """Min-max normalise each (H, W) map of a (..., H, W) tensor to [0, 1].
 

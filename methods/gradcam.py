@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AttributionMethod, normalize_maps, register_method
+from .base import AttributionMethod, image_class_pairs, normalize_maps, register_method
 
 
 @register_method("gradcam")
@@ -35,8 +35,7 @@ class GradCAM(AttributionMethod):
         b, k = classes.shape
         h, w = images.shape[-2:]
         cam = LayerGradCam(model, model.cam_layer)
-        x = images.repeat_interleave(k, dim=0)  # (B*K, 3, H, W), image-major
-        t = classes.reshape(-1)
+        x, t = image_class_pairs(images, classes)  # (B*K, 3, H, W), image-major
         out = []
         for i in range(0, x.shape[0], self.max_batch):
             a = cam.attribute(x[i : i + self.max_batch], target=t[i : i + self.max_batch], relu_attributions=True)
@@ -80,8 +79,7 @@ class GradCAMPlusPlus(AttributionMethod):
     def explain(self, model: nn.Module, images: Tensor, classes: Tensor, *, batch=None) -> Tensor:
         b, k = classes.shape
         h, w = images.shape[-2:]
-        x = images.repeat_interleave(k, dim=0)
-        t = classes.reshape(-1)
+        x, t = image_class_pairs(images, classes)
         out = []
         for i in range(0, x.shape[0], self.max_batch):
             a, g = layer_activations_and_gradients(model, model.cam_layer, x[i : i + self.max_batch],

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import AttributionMethod, MethodContext, normalize_maps, register_method
+from .base import AttributionMethod, MethodContext, image_class_pairs, normalize_maps, register_method
 
 
 def clip_and_normalize(maps: Tensor, percentile: float) -> Tensor:
@@ -38,12 +38,6 @@ def clip_and_normalize(maps: Tensor, percentile: float) -> Tensor:
         hi = torch.quantile(flat.float(), percentile / 100, dim=-1, keepdim=True).to(flat.dtype)
         flat = torch.minimum(flat, hi)
     return normalize_maps(flat.view_as(maps))
-
-
-def _pairs(images: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
-    """One row per (image, class): images repeated K times (image-major) and the flat targets."""
-    x = images.detach().repeat_interleave(classes.shape[1], dim=0).requires_grad_(True)
-    return x, classes.reshape(-1)
 
 
 @dataclass
@@ -72,7 +66,7 @@ class VanillaGradient(_GradientMethod):
     def explain(self, model: nn.Module, images: Tensor, classes: Tensor, *, batch: Any = None) -> Tensor:
         from captum.attr import Saliency
 
-        x, t = _pairs(images, classes)
+        x, t = image_class_pairs(images, classes)
         sal = Saliency(model)
         out = [sal.attribute(x[i : i + self.max_batch], target=t[i : i + self.max_batch], abs=True).detach()
                for i in range(0, len(x), self.max_batch)]
@@ -131,7 +125,7 @@ class IntegratedGradients(_GradientMethod):
         from captum.attr import IntegratedGradients as CaptumIG
 
         mean, std = self._norm(images)
-        x, t = _pairs(images, classes)
+        x, t = image_class_pairs(images, classes)
         black = (-mean / std).expand_as(x[:1])
         ig = CaptumIG(model)
         rows = max(1, self.max_batch // self.steps)  # (image, class) pairs per call
