@@ -13,7 +13,7 @@ else
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: venv bench test tables lint clean-venv
+.PHONY: venv bench test tables perf lint clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ test: venv
 
 tables: venv
 	$(PY) -m maskbench.benchmark tables
+
+# perf: our implementations vs the reference ones (optional `compare` extra: pytorch-grad-cam, TorchRay),
+# side by side in one run; writes results/perf/methods.csv and scaling.csv.
+perf: venv
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[compare]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m maskbench.benchmark perf $(ARGS)
 
 lint: venv
 	$(PY) -m ruff check .

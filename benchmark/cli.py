@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .config import DEFAULT_METHODS, PRESETS, RunConfig
 from .errors import MaskbenchError
@@ -113,6 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("datasets", help="list registered data sets")
     sub.add_parser("models", help="list registered classifiers")
     sub.add_parser("metrics", help="list registered metrics")
+
+    pf = sub.add_parser("perf", help="time our methods against the reference implementations (make perf)")
+    pf.add_argument("--images", type=int, default=8, help="images for the side-by-side runs (default: %(default)s)")
+    pf.add_argument("--scaling", type=lambda t: tuple(int(x) for x in _csv_list(t)), default=(1, 8, 32, 128),
+                    help="image counts for the scaling table (default: 1,8,32,128)")
+    pf.add_argument("--methods", type=_csv_list, default=[], help="only these methods (default: every pair)")
+    pf.add_argument("--ep-iterations", type=int, default=800)
+    pf.add_argument("--device", default="auto")
+    pf.add_argument("--cache", dest="cache_dir", default=None)
+    pf.add_argument("--out", default="results/perf")
+    pf.add_argument("--no-progress", dest="progress", action="store_false")
 
     g = sub.add_parser("generate-synthetic", help="write the synthetic data set in VOC and COCO formats")
     g.add_argument("--out", required=True)
@@ -228,6 +240,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_perf(args: argparse.Namespace) -> int:
+    from .perf import PerfConfig, run_perf
+
+    if args.images < 1 or any(n < 1 for n in args.scaling):
+        raise MaskbenchError(f"--images and --scaling need positive counts, got {args.images} and {args.scaling}")
+    paths = run_perf(PerfConfig(images=args.images, scaling=args.scaling, methods=tuple(args.methods),
+                                device=args.device, cache_dir=args.cache_dir, out_dir=args.out,
+                                ep_iterations=args.ep_iterations, progress=args.progress))
+    print(Path(paths["methods"]).read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -243,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_list(args.command)
         if args.command == "generate-synthetic":
             return _cmd_generate(args)
+        if args.command == "perf":
+            return _cmd_perf(args)
     except MaskbenchError as exc:
         print(f"maskbench: error: {exc}", file=sys.stderr)
         return 2

@@ -5,7 +5,7 @@ then either import it here, ship it in a package with a ``maskbench.methods`` en
 with ``--plugin``. See README "Add your own method" and ``examples/``.
 """
 
-from . import dgmp, explainer, gradcam, gradients, reference, rise, rtis  # noqa: F401  (registrations)
+from . import dgmp, explainer, extremal, gradcam, gradients, igos, meaningful, reference, rise, rtis  # noqa: F401  (registrations)
 from .base import (
     METHODS,
     AttributionMethod,
