@@ -4,14 +4,20 @@ side by side in one run on the same classifier, images, classes and settings.
 For every method it measures
 
 * our time and images per second, and (where a reference exists) the reference's, with the ratio;
-* peak memory of each (CUDA: ``max_memory_allocated``; CPU: the largest growth of the process's resident
-  set, sampled every 2 ms);
+* peak memory of each (CUDA: ``max_memory_allocated`` above what was allocated before; CPU: the largest
+  growth of the process's resident set, sampled every 2 ms after freed heap memory was returned to the OS with
+  ``malloc_trim``: an approximation, since memory the allocator keeps from earlier runs is not counted);
 * the *bare-pass ratio*: while our method runs, a recorder counts every classifier call (batch size, and
   whether a backward pass follows); the same calls are then replayed on the bare classifier with random inputs
   and timed. ``ratio_to_bare`` = our time / replay time: 1.0 would mean the method costs exactly the classifier
   passes it needs;
 * agreement with the reference on the same inputs: mean per-map Spearman rank correlation and Pearson
-  correlation, and for EP the mean IoU of the top-``area`` regions of each area's mask.
+  correlation, and for EP the mean IoU of the top-``area`` regions of each area's mask. For RISE, whose two
+  implementations draw different random masks, also our RISE against itself with another seed: the Monte
+  Carlo ceiling of any agreement between two RISE runs.
+
+Every method (and every cheap reference) runs once on one image before it is timed, so that no timing includes
+one-off initialisation.
 
 Pairs: Grad-CAM (Captum ``LayerGradCam``) and our Grad-CAM++ vs pytorch-grad-cam's ``GradCAM`` /
 ``GradCAMPlusPlus``; our RISE and EP vs TorchRay's ``rise`` / ``extremal_perturbation``; Captum IG and our
@@ -25,6 +31,7 @@ masks and their optimisers stay in fp32.
 from __future__ import annotations
 
 import csv
+import ctypes
 import importlib.util
 import io
 import json
@@ -94,6 +101,14 @@ class _AutocastClassifier(nn.Module):
             return self.model(x.contiguous(memory_format=torch.channels_last)).float()
 
 
+def _return_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc), so that resident-set growth reflects new allocations."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _PeakMemory:
     """Peak memory growth during a block, in MB (CUDA allocator peak, or sampled resident set on the CPU)."""
 
@@ -111,6 +126,7 @@ class _PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         elif os.path.exists("/proc/self/statm"):
+            _return_freed_memory()
             self._base = self._peak = self._rss()
             self._stop = threading.Event()
 
@@ -138,30 +154,43 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float, Any]:
-    """(seconds, peak MB, result) of one call."""
+def timed(fn: Callable[[], Any], device: torch.device, min_seconds: float = 2.0,
+          max_repeats: int = 5) -> tuple[float, float, Any]:
+    """(seconds, peak MB, result): the first call measures memory; a call shorter than ``min_seconds`` is
+    repeated (without the memory sampling, which returns memory to the OS and so slows the next allocations)
+    up to ``max_repeats`` times or ``min_seconds`` in all, and the median time is reported."""
     _sync(device)
     with _PeakMemory(device) as mem:
         start = time.perf_counter()
         result = fn()
         _sync(device)
-        seconds = time.perf_counter() - start
-    return seconds, mem.peak_mb, result
+        first = time.perf_counter() - start
+    if first >= min_seconds:
+        return first, mem.peak_mb, result
+    times: list[float] = []
+    while len(times) < max_repeats and sum(times) < min_seconds:
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2], mem.peak_mb, result
 
 
 def replay(model: nn.Module, calls: list[tuple[int, bool]], shape: tuple[int, ...], device: torch.device) -> float:
-    """Seconds for the recorded classifier calls on the bare model (random inputs, backward where recorded)."""
+    """Seconds for the recorded classifier calls on the bare model (random inputs, backward where recorded);
+    the median of repeated replays when one is short (see :func:`timed`)."""
     gen = torch.Generator(device=device).manual_seed(0) if device.type == "cuda" else torch.Generator().manual_seed(0)
-    _sync(device)
-    start = time.perf_counter()
-    for n, grad in calls:
-        x = torch.randn(n, *shape, generator=gen, device=device).requires_grad_(grad)
-        with torch.set_grad_enabled(grad):
-            out = model(x)
-            if grad:
-                out.float().sum().backward()
-    _sync(device)
-    return time.perf_counter() - start
+    inputs = {n: torch.randn(n, *shape, generator=gen, device=device) for n in {n for n, _ in calls}}
+
+    def run() -> None:
+        for n, grad in calls:
+            x = inputs[n].detach().requires_grad_(grad)
+            with torch.set_grad_enabled(grad):
+                out = model(x)
+                if grad:
+                    out.float().sum().backward()
+
+    return timed(run, device)[0]
 
 
 # ------------------------------------------------------------------------------------------------ agreement
@@ -307,19 +336,21 @@ class Pair:
     reference: str = ""
     needs: str = ""  # the module the reference needs
     ref_fn: Callable[..., Tensor] | None = None
+    warm_reference: bool = False  # cheap enough to run once on one image before timing
 
 
 EP_SETTINGS = {"areas": [0.05, 0.1, 0.2, 0.3], "reward": "contrastive", "variant": "preserve", "area_domain": "full",
                "smooth": 0.0}
 PAIRS = [
     Pair("gradcam", {}, "pytorch-grad-cam GradCAM", "pytorch_grad_cam",
-         lambda model, x, c, m: ref_gradcam(model, x, c, plusplus=False)),
+         lambda model, x, c, m: ref_gradcam(model, x, c, plusplus=False), warm_reference=True),
     Pair("gradcam++", {}, "pytorch-grad-cam GradCAMPlusPlus", "pytorch_grad_cam",
-         lambda model, x, c, m: ref_gradcam(model, x, c, plusplus=True)),
+         lambda model, x, c, m: ref_gradcam(model, x, c, plusplus=True), warm_reference=True),
     Pair("gradient"),
-    Pair("smoothgrad", {"samples": 50}, "naive loop (1 image x 1 sample per pass)", "captum", naive_smoothgrad),
+    Pair("smoothgrad", {"samples": 50}, "naive loop (1 image x 1 sample per pass)", "captum", naive_smoothgrad,
+         warm_reference=True),
     Pair("integrated-gradients", {"steps": 200}, "naive loop (1 image x 1 step per pass)", "captum",
-         naive_integrated_gradients),
+         naive_integrated_gradients, warm_reference=True),
     Pair("rise", {"num_masks": 8000, "num_cells": 7, "p": 0.5, "score": "sigmoid", "normalize": "none"},
          "TorchRay rise", "torchray", ref_rise),
     Pair("extremal-perturbation", {**EP_SETTINGS, "resolution": "pixel"}, "TorchRay extremal_perturbation",
@@ -376,10 +407,13 @@ def _build(name: str, preset: str, params: dict[str, Any], data: dict[str, Any])
 def _run_ours(method: Any, model: nn.Module, images: Tensor, classes: Tensor, device: torch.device,
               ep_areas: bool = False) -> tuple[float, float, float, list[tuple[int, bool]], Tensor]:
     recorder = PassRecorder(model)
-    if ep_areas:
-        fn = lambda: method.area_masks(recorder, images, classes)[0]  # noqa: E731
-    else:
-        fn = lambda: method.explain(recorder, images, classes)  # noqa: E731
+
+    def fn() -> Tensor:
+        recorder.calls.clear()  # the calls of the last repeat
+        if ep_areas:
+            return method.area_masks(recorder, images, classes)[0]
+        return method.explain(recorder, images, classes)
+
     seconds, peak, maps = timed(fn, device)
     bare = replay(model, recorder.calls, tuple(images.shape[1:]), device)
     return seconds, peak, bare, recorder.calls, maps
@@ -412,6 +446,10 @@ def run_perf(config: PerfConfig) -> dict[str, Path]:
             rows.append({"method": pair.method, "note": "not registered"})
             continue
         is_ep = pair.method == "extremal-perturbation"
+        warm = _build(pair.method, "fast", {k: v for k, v in params.items() if k != "max_iter"}, data)
+        warm.explain(model, images[:1], classes[:1])  # one-off initialisation (imports, first allocations)
+        if pair.warm_reference and _have(pair.needs):
+            pair.ref_fn(model, images[:1], classes[:1], method)
         ours_s, ours_mb, bare_s, calls, ours_maps = _run_ours(method, model, images, classes, device, ep_areas=is_ep)
         row: dict[str, Any] = {
             "method": pair.method, "variant": params.get("resolution", ""), "reference": pair.reference or "",
@@ -438,6 +476,10 @@ def run_perf(config: PerfConfig) -> dict[str, Path]:
                 row["top_area_iou"] = float(torch.stack(ious).mean())
             else:
                 row.update(agreement(ours_maps, ref_maps))
+            if pair.method == "rise":  # Monte Carlo ceiling: our RISE against itself with other random masks
+                other = _build(pair.method, "paper", {**params, "seed": method.seed + 1}, data)
+                self_agree = agreement(ours_maps, other.explain(model, images, classes))
+                row["self_rank_corr"], row["self_pearson"] = self_agree["rank_corr"], self_agree["pearson"]
         elif pair.reference:
             row["note"] = f"reference unavailable (needs {pair.needs}: pip install -e '.[compare]')"
         rows.append(row)
@@ -461,6 +503,7 @@ def _write(out_dir: Path, rows: list[dict[str, Any]], scaling: list[dict[str, An
     cols = ["method", "variant", "reference", "images", "classes_per_image", "ours_seconds", "ours_images_per_s",
             "ref_seconds", "ref_images_per_s", "speedup", "ours_peak_mb", "ref_peak_mb", "bare_seconds",
             "ratio_to_bare", "passes_with_backward", "passes_forward_only", "rank_corr", "pearson", "top_area_iou",
+            "self_rank_corr", "self_pearson",
             "settings", "note"]
     paths = {"methods": out_dir / "methods.csv", "scaling": out_dir / "scaling.csv", "meta": out_dir / "perf.json"}
     for path, table, header in ((paths["methods"], rows, cols),

@@ -41,6 +41,10 @@ reasons:
   (the NeurIPS 2022 code left dropout on, and TorchRay switches ``requires_grad`` off on the model for good);
 * the smooth maximum runs over neighbours with running sums and a hand-written backward pass instead of an
   unfolded (rows, 81, H, W) tensor;
+* measured with ``make perf`` (8 synthetic images, smallcnn, 2 CPU cores, 4 areas, 800 iterations,
+  contrastive reward, TorchRay's area domain): 1.8x TorchRay's speed with the pixel smooth max (mean top-area
+  IoU with TorchRay's masks 0.87, Spearman 0.96), 3.6x with the per-cell one (IoU 0.67, Spearman 0.79). On the
+  CPU the smooth max, not the small classifier, dominates both implementations.
 * ``fast`` preset (default CPU run, 1,200 (image, class) pairs): one area, 0.2 (objects cover 19 % of a
   synthetic image), 100 iterations with lambda's growth raised so that it ends at the weight it reaches after
   800 iterations, cell resolution: 8 x 4 x 4 = 128 times cheaper than ``paper`` at 64 px.

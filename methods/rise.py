@@ -7,7 +7,9 @@ N random masks M_n: an s x s binary grid whose cells are kept with probability p
 Implementation: the N masks are generated once, vectorised and seeded (on the CPU generator, so the same seed
 gives the same masks on any device), kept on the model's device and shared by every image; the masked
 images of a whole batch of images x masks go through the model in chunks of ``batch_size``, and only the
-requested classes are accumulated (one einsum per chunk, no host synchronisation).
+requested classes are accumulated (one einsum per chunk, no host synchronisation). ``batch_size`` (masked
+images per pass) defaults to 128 on the CPU, where larger batches fall out of the cache (8 images x 2,000
+masks: 1.9 s at 128, 3.3 s at 512 on 2 cores), and 1,024 on a GPU.
 
 Choices, each also a field: the score f_c is the class *sigmoid* (the classifiers are multi-label; TorchRay's
 ``rise``, which the NeurIPS 2022 evaluation used, does the same; the original code uses softmax over
@@ -50,7 +52,7 @@ class RISE(AttributionMethod):
     num_masks: int = 8000
     num_cells: int = 7
     p: float = 0.5
-    batch_size: int = 512  # masked images per forward pass
+    batch_size: int | None = None  # masked images per forward pass; None: 128 on the CPU, 1024 on a GPU
     seed: int = 0
     score: str = "sigmoid"  # sigmoid | softmax | logit
     normalize: str = "minmax"  # minmax | none
@@ -83,7 +85,8 @@ class RISE(AttributionMethod):
         b, _, h, w = images.shape
         masks = self.masks((h, w), images.device)  # (N, H, W)
         n = masks.shape[0]
-        chunk = max(1, self.batch_size // b)
+        per_pass = self.batch_size or (1024 if images.device.type == "cuda" else 128)
+        chunk = max(1, per_pass // b)
         sal = torch.zeros(b, classes.shape[1], h, w, device=images.device, dtype=torch.float32)
         for i in range(0, n, chunk):
             m = masks[i : i + chunk]  # (n_c, H, W)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from maskbench.benchmark.classifiers import SmallCNN, freeze
 from maskbench.datasets.base import Batch
@@ -44,3 +45,27 @@ def make_batch(
         box_labels=[torch.zeros(0, dtype=torch.long) for _ in range(b)],
         box_difficult=[torch.zeros(0, dtype=torch.bool) for _ in range(b)],
     )
+
+
+class QuadrantNet(nn.Module):
+    """A classifier whose answer is known by construction: it zeroes everything outside the top-left quadrant,
+    then conv (no bias) - ReLU - positive 1x1 head - mean. Nothing outside the quadrant can change a logit, and
+    inside every feature pushes the logits up. ``gain`` scales the logits."""
+
+    def __init__(self, size: int = 32, classes: int = 3, gain: float = 1.0):
+        super().__init__()
+        quadrant = torch.zeros(1, 1, size, size)
+        quadrant[..., : size // 2, : size // 2] = 1
+        self.register_buffer("quadrant", quadrant)
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU())
+        self.head = nn.Conv2d(8, classes, 1, bias=False)
+        self.gain = gain
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.conv[0].weight.normal_(0.0, 0.5, generator=gen)
+            self.head.weight.uniform_(0.5, 2.0, generator=gen)
+        self.cam_layer = self.conv
+        self.feature_layers = [self.conv]
+
+    def forward(self, x):
+        return self.gain * self.head(self.conv(x * self.quadrant)).mean(dim=(2, 3))

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from mb_testutils import tiny_model
+from mb_testutils import QuadrantNet, tiny_model
 from torch import nn
 
 from maskbench.benchmark.classifiers import freeze
@@ -19,25 +19,6 @@ from maskbench.methods.igos import (
 
 H = W = 32
 SMALL = {"iterations": 3, "ig_iter": 2}  # a few evaluations: enough for the contract checks
-
-
-class QuadrantNet(nn.Module):
-    """Reads only the top-left quadrant (as tests/test_methods_known_answer.py): conv - ReLU - positive head."""
-
-    def __init__(self, classes: int = 3):
-        super().__init__()
-        quadrant = torch.zeros(1, 1, H, W)
-        quadrant[..., : H // 2, : W // 2] = 1
-        self.register_buffer("quadrant", quadrant)
-        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU())
-        self.head = nn.Conv2d(8, classes, 1, bias=False)
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            self.conv[0].weight.normal_(0.0, 0.5, generator=gen)
-            self.head.weight.uniform_(0.5, 2.0, generator=gen)
-
-    def forward(self, x):
-        return self.head(self.conv(x * self.quadrant)).mean(dim=(2, 3))
 
 
 class ConstantNet(nn.Module):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from mb_testutils import QuadrantNet
 from torch import nn
 
 from maskbench.benchmark.classifiers import freeze
@@ -12,25 +13,6 @@ from maskbench.methods.perturbations import gaussian_blur
 
 H = W = 32
 FEW = {"max_iter": 15, "lr": 0.25}  # enough for the properties below, cheap enough for a unit test
-
-
-class QuadrantNet(nn.Module):
-    """Reads only the top-left quadrant: conv (no bias) - ReLU - positive 1x1 head - mean over the image."""
-
-    def __init__(self, size: int = H, classes: int = 3):
-        super().__init__()
-        quadrant = torch.zeros(1, 1, size, size)
-        quadrant[..., : size // 2, : size // 2] = 1
-        self.register_buffer("quadrant", quadrant)
-        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU())
-        self.head = nn.Conv2d(8, classes, 1, bias=False)
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            self.conv[0].weight.normal_(0.0, 0.5, generator=gen)
-            self.head.weight.uniform_(0.5, 2.0, generator=gen)
-
-    def forward(self, x):
-        return self.head(self.conv(x * self.quadrant)).mean(dim=(2, 3))
 
 
 class CentreMean(nn.Module):

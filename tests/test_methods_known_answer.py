@@ -4,7 +4,7 @@ quadrant (a quarter of the image) and the map is higher inside than outside on a
 
 import pytest
 import torch
-from torch import nn
+from mb_testutils import QuadrantNet
 
 from maskbench.benchmark.classifiers import freeze
 from maskbench.methods import METHODS, build_method
@@ -12,32 +12,6 @@ from maskbench.methods import METHODS, build_method
 H = W = 32
 C = 3
 REFERENCE = {"constant-0", "constant-0.5", "constant-1", "ground-truth", "centre-gaussian", "random-uniform"}
-
-
-class QuadrantNet(nn.Module):
-    """Zeroes everything outside the top-left quadrant, then conv (no bias) - ReLU - positive 1x1 head - mean.
-
-    Nothing outside the quadrant can change a logit, and inside every feature pushes the logits up.
-    """
-
-    def __init__(self):
-        super().__init__()
-        quadrant = torch.zeros(1, 1, H, W)
-        quadrant[..., : H // 2, : W // 2] = 1
-        self.register_buffer("quadrant", quadrant)
-        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU())
-        self.head = nn.Conv2d(8, C, 1, bias=False)
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            self.conv[0].weight.normal_(0.0, 0.5, generator=gen)
-            self.head.weight.uniform_(0.5, 2.0, generator=gen)
-        self.cam_layer = self.conv
-        self.feature_layers = [self.conv]
-
-    def forward(self, x):
-        return self.gain * self.head(self.conv(x * self.quadrant)).mean(dim=(2, 3))
-
-    gain = 1.0
 
 
 @pytest.mark.parametrize("name", [n for n in METHODS.list(exclude="test-*")
