@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="image counts for the scaling table (default: 1,8,32,128)")
     pf.add_argument("--methods", type=_csv_list, default=[], help="only these methods (default: every pair)")
     pf.add_argument("--ep-iterations", type=int, default=800)
+    pf.add_argument("--preset", default="paper", help="our methods' preset in the side-by-side runs")
+    pf.add_argument("--model", default="smallcnn")
+    pf.add_argument("--untrained", action="store_true",
+                    help="time an untrained --model (e.g. resnet50, the papers' size) instead of the trained one")
+    pf.add_argument("--image-size", type=int, default=None, help="resize the images, e.g. 224")
     pf.add_argument("--device", default="auto")
     pf.add_argument("--cache", dest="cache_dir", default=None)
     pf.add_argument("--out", default="results/perf")
@@ -247,7 +252,8 @@ def _cmd_perf(args: argparse.Namespace) -> int:
         raise MaskbenchError(f"--images and --scaling need positive counts, got {args.images} and {args.scaling}")
     paths = run_perf(PerfConfig(images=args.images, scaling=args.scaling, methods=tuple(args.methods),
                                 device=args.device, cache_dir=args.cache_dir, out_dir=args.out,
-                                ep_iterations=args.ep_iterations, progress=args.progress))
+                                ep_iterations=args.ep_iterations, progress=args.progress, preset=args.preset,
+                                model=args.model, untrained=args.untrained, image_size=args.image_size))
     print(Path(paths["methods"]).read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

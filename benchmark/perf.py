@@ -62,6 +62,9 @@ class PerfConfig:
     cache_dir: str | None = None
     out_dir: str = "results/perf"
     ep_iterations: int = 800
+    preset: str = "paper"  # our methods' preset in the side-by-side runs (the references get the same settings)
+    untrained: bool = False  # time an untrained classifier (e.g. resnet50: the papers' size) instead of the trained one
+    image_size: int | None = None  # resize the images (e.g. 224 with --untrained resnet50)
     seed: int = 0
     progress: bool = True
 
@@ -381,15 +384,25 @@ def _load(config: PerfConfig) -> tuple[nn.Module, Tensor, Tensor, torch.device, 
 
     test = datasets("test")
     n = max(config.images, *config.scaling)
-    model, info = get_classifier(config.model, datasets, datasets("train").fingerprint(), test.num_classes, device,
-                                 cache, None, config.progress)
-    batch = collate([test.load(i) for i in test.image_ids[:n]]).to(device)
+    if config.untrained:  # timing only: the papers' classifier size without weights to download
+        from .classifiers import build_classifier, freeze
+
+        options = {"pretrained_backbone": False} if config.model != "smallcnn" else {}
+        model = freeze(build_classifier(config.model, test.num_classes, **options)).to(device)
+        info = {"checkpoint": f"untrained {config.model}"}
+    else:
+        model, info = get_classifier(config.model, datasets, datasets("train").fingerprint(), test.num_classes,
+                                     device, cache, None, config.progress)
+    images = collate([test.load(i) for i in test.image_ids[:n]]).to(device).images
+    if config.image_size:
+        images = torch.nn.functional.interpolate(images, size=(config.image_size,) * 2, mode="bilinear",
+                                                 align_corners=False)
     with torch.no_grad():
-        classes = model(batch.images).argmax(1, keepdim=True)
+        classes = model(images).argmax(1, keepdim=True)
     if device.type == "cuda":
         model = _AutocastClassifier(model)
-    return model, batch.images, classes, device, {"classifier": info.get("checkpoint", ""), "mean": test.mean,
-                                                   "std": test.std}
+    return model, images, classes, device, {"classifier": info.get("checkpoint", ""), "mean": test.mean,
+                                            "std": test.std}
 
 
 def _build(name: str, preset: str, params: dict[str, Any], data: dict[str, Any]):
@@ -402,6 +415,15 @@ def _build(name: str, preset: str, params: dict[str, Any], data: dict[str, Any])
         method.setup(MethodContext(None, "", None, 0, torch.device("cpu"), Path("."), mean=tuple(data["mean"]),
                                    std=tuple(data["std"])))
     return method
+
+
+WARM_UP = {"max_iter": 2, "iterations": 1, "ig_iter": 1, "num_masks": 64, "samples": 2, "steps": 2}
+
+
+def _cheap(params: dict[str, Any], method: Any) -> dict[str, Any]:
+    """``params`` with the method's iteration counts cut to a minimum, for the warm-up run."""
+    fields = set(method.config())
+    return {**params, **{k: v for k, v in WARM_UP.items() if k in fields}}
 
 
 def _run_ours(method: Any, model: nn.Module, images: Tensor, classes: Tensor, device: torch.device,
@@ -441,12 +463,12 @@ def run_perf(config: PerfConfig) -> dict[str, Path]:
         params = dict(pair.params)
         if pair.method == "extremal-perturbation":
             params["max_iter"] = config.ep_iterations
-        method = _build(pair.method, "paper", params, data)
+        method = _build(pair.method, config.preset, params, data)
         if method is None:
             rows.append({"method": pair.method, "note": "not registered"})
             continue
         is_ep = pair.method == "extremal-perturbation"
-        warm = _build(pair.method, "fast", {k: v for k, v in params.items() if k != "max_iter"}, data)
+        warm = _build(pair.method, "fast", _cheap({**params}, method), data)
         warm.explain(model, images[:1], classes[:1])  # one-off initialisation (imports, first allocations)
         if pair.warm_reference and _have(pair.needs):
             pair.ref_fn(model, images[:1], classes[:1], method)
@@ -477,7 +499,7 @@ def run_perf(config: PerfConfig) -> dict[str, Path]:
             else:
                 row.update(agreement(ours_maps, ref_maps))
             if pair.method == "rise":  # Monte Carlo ceiling: our RISE against itself with other random masks
-                other = _build(pair.method, "paper", {**params, "seed": method.seed + 1}, data)
+                other = _build(pair.method, config.preset, {**params, "seed": method.seed + 1}, data)
                 self_agree = agreement(ours_maps, other.explain(model, images, classes))
                 row["self_rank_corr"], row["self_pearson"] = self_agree["rank_corr"], self_agree["pearson"]
         elif pair.reference:
