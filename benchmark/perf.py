@@ -72,6 +72,13 @@ class PerfConfig:
 # ------------------------------------------------------------------------------------------------ measuring
 
 
+def _expose_layers(wrapper: nn.Module, model: nn.Module) -> None:
+    """Give a wrapper the classifier's ``cam_layer`` / ``feature_layers``, which Grad-CAM style methods read."""
+    for name in ("cam_layer", "feature_layers"):
+        if hasattr(model, name):
+            setattr(wrapper, name, getattr(model, name))
+
+
 class PassRecorder(nn.Module):
     """Forwards to ``model`` and records every call: (batch size, whether its output carries a gradient)."""
 
@@ -79,9 +86,7 @@ class PassRecorder(nn.Module):
         super().__init__()
         self.model = model
         self.calls: list[tuple[int, bool]] = []
-        for name in ("cam_layer", "feature_layers"):
-            if hasattr(model, name):
-                setattr(self, name, getattr(model, name))
+        _expose_layers(self, model)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.model(x)
@@ -95,9 +100,7 @@ class _AutocastClassifier(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model.to(memory_format=torch.channels_last)
-        for name in ("cam_layer", "feature_layers"):
-            if hasattr(model, name):
-                setattr(self, name, getattr(model, name))
+        _expose_layers(self, model)
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -246,15 +246,11 @@ class ExtremalPerturbation(AttributionMethod):
         own = logits.gather(1, target[:, None])[:, 0]
         if self.reward == "simple":
             return own
-        if self.reward == "contrastive":
-            others = logits.scatter(1, target[:, None], float("-inf"))
-            return own - others.amax(1)
-        raise ValueError(f"EP reward must be contrastive or simple, not {self.reward!r}")
+        others = logits.scatter(1, target[:, None], float("-inf"))  # contrastive (checked by _check)
+        return own - others.amax(1)
 
     def _energy(self, model: nn.Module, pyramid: Tensor, mask: Tensor, target: Tensor, flip: bool) -> Tensor:
         """The reward of each row's perturbed image (preserve: keep the mask; delete: remove it; dual: both)."""
-        if self.variant not in ("preserve", "delete", "dual"):
-            raise ValueError(f"EP variant must be preserve, delete or dual, not {self.variant!r}")
         shown = {"preserve": [mask], "delete": [1 - mask], "dual": [mask, 1 - mask]}[self.variant]
         x = torch.cat([apply_pyramid(pyramid, m) for m in shown])
         reward = self._reward(model(x.flip(-1) if flip else x).float(), target.repeat(len(shown)))

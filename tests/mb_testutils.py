@@ -69,3 +69,15 @@ class QuadrantNet(nn.Module):
 
     def forward(self, x):
         return self.gain * self.head(self.conv(x * self.quadrant)).mean(dim=(2, 3))
+
+
+def quadrant_scores(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For (..., H, W) maps of a :class:`QuadrantNet`: the share of each map's top 10 % pixels that lie in the
+    top-left quadrant, and the map's mean inside and outside the quadrant."""
+    h, w = masks.shape[-2:]
+    inside = torch.zeros(h, w, dtype=torch.bool)
+    inside[: h // 2, : w // 2] = True
+    inside = inside.flatten()
+    flat = masks.flatten(-2)
+    top = flat.topk(h * w // 10, dim=-1).indices
+    return inside[top].float().mean(-1), flat[..., inside].mean(-1), flat[..., ~inside].mean(-1)
