@@ -2,6 +2,7 @@
 
     maskbench bench   [--dataset synthetic] [--model smallcnn] [--methods gradcam,rise] [--limit N] ...
     maskbench tables  [--results results]          rebuild every table from stored rows (no model)
+                      [--resamples 1000 --seed 0 --no-ci]
     maskbench methods [--plugin mod]               list registered methods, presets and origin
     maskbench datasets | models | metrics          list the other registries
     maskbench generate-synthetic --out DIR         write the synthetic data set (VOC + COCO formats)
@@ -108,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tables", help="rebuild every table from stored per-image rows (no model is run)")
     t.add_argument("--results", default="results")
+    t.add_argument("--resamples", type=int, default=1000,
+                   help="bootstrap resamples over images for the 95%% intervals (default 1000)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
+    t.add_argument("--no-ci", dest="ci", action="store_false", help="LaTeX without the +- interval half-widths")
 
     m = sub.add_parser("methods", help="list registered attribution methods")
     _add_plugin_arg(m)
@@ -200,7 +205,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_tables(args: argparse.Namespace) -> int:
     from .tables import write_all_tables
 
-    written = write_all_tables(args.results)
+    if args.resamples < 1:
+        raise MaskbenchError(f"--resamples must be at least 1, got {args.resamples}.")
+    written = write_all_tables(args.results, resamples=args.resamples, seed=args.seed, ci=args.ci)
     if not written:
         raise MaskbenchError(f"No stored results under '{args.results}' (expected <dataset>/<model>/per_image/).")
     for p in written:

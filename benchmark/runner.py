@@ -42,7 +42,7 @@ class MethodSummary:
     nan_maps: int = 0
     constant_maps: int = 0
     seconds: float = 0.0
-    explain_seconds: float = 0.0  # accumulated over the images computed under the current run key
+    explain_seconds: float = 0.0  # to compute the cached masks (all sessions; warm-up excluded)
     explain_seconds_per_image: float | None = None
     errors: list[str] = field(default_factory=list)
     setup: dict[str, Any] = field(default_factory=dict)
@@ -151,11 +151,14 @@ class _MethodRun:
         self.new_rows: list[pd.DataFrame] = []
         previous = session.store.load_meta(self.name)
         self.same_key_as_before = previous.get("run_key") == self.run_key
-        self.explain_total = float(previous.get("explain_seconds", 0.0)) if self.same_key_as_before else 0.0
-        self.computed_total = int(previous.get("images_computed", 0)) if self.same_key_as_before else 0
-        if self.same_key_as_before:  # a resumed run still reports how the method was trained
-            self.summary.setup = dict(previous.get("setup", {}))
+        # compute time belongs to the cached masks: re-scoring them under new metrics keeps what they cost
+        self.timing = self.masks.load_timing()
+        self.timing.setdefault("explain_seconds", 0.0)
+        self.timing.setdefault("images", 0)
+        if self.same_key_as_before or previous.get("cache_key") == method.cache_key():
+            self.summary.setup = dict(previous.get("setup", {}))  # a resumed run still reports its training
         self.is_setup = False
+        self.warmed_up = False
 
     def save(self, final: bool = False) -> None:
         rows = pd.concat([self.kept, *self.new_rows], ignore_index=True) if self.new_rows else self.kept
@@ -165,8 +168,7 @@ class _MethodRun:
             "method": self.name, "label": m.display_name(), "family": m.family, "paper": m.paper,
             "preset": getattr(m, "preset", "paper"), "config": m.config(), "cache_key": m.cache_key(),
             "run_key": self.run_key, "classifier_sha256": self.s.clf_key, "data_key": self.s.data_key,
-            "explain_seconds": round(self.explain_total, 4), "images_computed": self.computed_total,
-            "setup": self.summary.setup, "complete": final and self.summary.failed == 0,
+            "timing": self.timing, "setup": self.summary.setup, "complete": final and self.summary.failed == 0,
         })
 
     def _setup(self) -> None:
@@ -182,14 +184,23 @@ class _MethodRun:
         self._setup()
         sub = torch.tensor(missing, device=self.s.device)
         sub_batch = batch if len(missing) == len(ids) else batch.select(missing)
+        gt = self.method.uses_ground_truth
         try:
+            if not self.warmed_up:  # one image, untimed and discarded: lazy initialisation is not compute time
+                first = sub[:1]
+                synchronize(self.s.device)
+                t0 = time.perf_counter()
+                self.method.explain(self.s.model, batch.images[first], classes[first],
+                                    batch=batch.select(missing[:1]) if gt else None)
+                synchronize(self.s.device)
+                self.timing["warmup_seconds"] = round(time.perf_counter() - t0, 4)
+                self.warmed_up = True
             synchronize(self.s.device)
             t0 = time.perf_counter()
-            out = self.method.explain(self.s.model, batch.images[sub], classes[sub],
-                                      batch=sub_batch if self.method.uses_ground_truth else None)
+            out = self.method.explain(self.s.model, batch.images[sub], classes[sub], batch=sub_batch if gt else None)
             nan = check_masks(out, batch.images[sub], classes[sub], self.name)
             synchronize(self.s.device)
-            self.explain_total += time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
         except Exception as exc:  # counted and reported, never scored
             self.summary.failed += len(missing)
             self.summary.errors.append(f"{[ids[j] for j in missing][:3]}: {type(exc).__name__}: {exc}")
@@ -207,7 +218,10 @@ class _MethodRun:
             masks[j] = out[local]
             self.masks.put(ids[j], classes_cpu[j], out_cpu[local])
             self.summary.computed += 1
-            self.computed_total += 1
+        self.timing["explain_seconds"] = round(self.timing["explain_seconds"] + elapsed, 4)
+        self.timing["images"] += len(missing)
+        self.timing["device"] = str(self.s.device)
+        self.masks.save_timing(self.timing)
 
     def _score(self, ids: list[str], batch: Any, classes: torch.Tensor, masks: torch.Tensor,
                ok: torch.Tensor) -> None:
@@ -268,9 +282,9 @@ class _MethodRun:
         bar.close()
         if todo or not s.store.csv_path(self.name).is_file() or not self.same_key_as_before:
             self.save(final=True)
-        self.summary.explain_seconds = round(self.explain_total, 4)
-        if self.computed_total:
-            self.summary.explain_seconds_per_image = round(self.explain_total / self.computed_total, 6)
+        self.summary.explain_seconds = self.timing["explain_seconds"]
+        if self.timing["images"]:
+            self.summary.explain_seconds_per_image = round(self.timing["explain_seconds"] / self.timing["images"], 6)
         self.summary.seconds = round(time.perf_counter() - t_method, 3)
         return self.summary
 
@@ -376,6 +390,10 @@ def run(config: RunConfig) -> RunResult:
         "methods": [vars(s) for s in summaries],
         "wall_seconds": round(time.perf_counter() - t_run, 2),
     }
+    from .tables import diagnostics, load_current_rows
+
+    rows, metas = load_current_rows(run_dir)
+    manifest["counts"] = diagnostics(rows, metas).to_dict(orient="records") if not rows.empty else []
     write_json(run_dir / "manifest.json", manifest)
     write_tables(run_dir)
     return RunResult(run_dir, summaries, manifest)

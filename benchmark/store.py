@@ -1,7 +1,9 @@
 """The result store: cached masks (outside git) and per-image metric rows (under ``results/``).
 
 * :class:`MaskCache` keeps one compressed ``.npz`` per (method configuration, image): the explained classes
-  and their masks as float16. Keyed by data set, classifier checkpoint hash and method cache key.
+  and their masks as float16. Keyed by data set, classifier checkpoint hash and method cache key. Its
+  ``timing.json`` says how long the cached masks took to compute, so re-scoring them with new metrics keeps the
+  measured compute time.
 * :class:`RowStore` keeps, per method, the long-format per-image rows ``image_id, metric, value`` in
   ``per_image/<method>.csv`` with a ``run_key`` column (method key + classifier + data + metric versions), and a
   sidecar ``per_image/<method>.json`` with what tables need to know about the method (label, family, preset,
@@ -44,6 +46,18 @@ class MaskCache:
             return None
         with np.load(p) as z:
             return z["classes"], z["masks"]
+
+    @property
+    def timing_path(self) -> Path:
+        return self.root / "timing.json"
+
+    def load_timing(self) -> dict[str, Any]:
+        """How long producing the cached masks took: ``explain_seconds`` over ``images`` (accumulated over
+        sessions), ``warmup_seconds`` (excluded) and ``device``; empty when the masks were never timed."""
+        return read_json(self.timing_path) if self.timing_path.is_file() else {}
+
+    def save_timing(self, timing: dict[str, Any]) -> None:
+        write_json(self.timing_path, timing)
 
     def put(self, image_id: str, classes: np.ndarray, masks: np.ndarray) -> None:
         buf = io.BytesIO()

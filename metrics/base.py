@@ -67,3 +67,29 @@ def merge_true_class_masks(masks: Tensor, classes: Tensor, labels: Tensor) -> tu
     merged = torch.where(is_true[:, :, None, None], masks, neg).amax(1)
     has_true = is_true.any(1)
     return merged.clamp_min(0.0), has_true
+
+
+def true_class_slots(classes: Tensor, labels: Tensor) -> Tensor:
+    """(B, K) bool: slot k holds a true class of the image, and is that class's first slot.
+
+    The runner pads each image's explained classes by repeating its first class, so a class can occupy several
+    slots; per-class metrics must score it once.
+    """
+    is_true = torch.gather(labels > 0, 1, classes)
+    k = classes.shape[1]
+    same = classes[:, :, None] == classes[:, None, :]  # (B, K, K)
+    earlier = torch.ones(k, k, dtype=torch.bool, device=classes.device).tril(-1)  # [k, j] = j < k
+    repeated = (same & earlier).any(2)
+    return is_true & ~repeated
+
+
+def forward_rows(images: Tensor) -> int:
+    """How many images of this size one no-grad forward of a metric takes: about 2^22 input pixels."""
+    return max(1, (1 << 22) // (images.shape[-2] * images.shape[-1]))
+
+
+@torch.no_grad()
+def forward_in_chunks(model: nn.Module, x: Tensor, rows: int | None = None) -> Tensor:
+    """Float logits of ``model`` on ``x`` (N, 3, H, W), ``rows`` images per forward (default :func:`forward_rows`)."""
+    rows = rows or forward_rows(x)
+    return torch.cat([model(x[i : i + rows]).float() for i in range(0, len(x), rows)])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import MetricInputs, register_metric
+from .base import MetricInputs, forward_in_chunks, register_metric
 
 THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 
@@ -30,9 +30,9 @@ def class_masking(inputs: MetricInputs) -> dict[str, Tensor]:
     thr = torch.tensor(THRESHOLDS, device=masks.device, dtype=masks.dtype)
     hard = (masks[:, :, None] > thr[None, None, :, None, None]).to(images.dtype)  # (B, K, T, H, W)
     x = (images[:, None, None] * hard[:, :, :, None]).flatten(0, 2)  # (B*K*T, 3, H, W)
-    probs = torch.cat([torch.softmax(inputs.model(x[i : i + 1024]).float(), 1) for i in range(0, len(x), 1024)])
+    probs = torch.softmax(forward_in_chunks(inputs.model, x), 1)
     probs = probs.view(b, k, len(THRESHOLDS), -1).mean(2)  # (B, K, C): mean over thresholds
-    clean = torch.softmax(inputs.model(images).float(), 1)  # (B, C)
+    clean = torch.softmax(forward_in_chunks(inputs.model, images), 1)  # (B, C)
     out: dict[str, Tensor] = {}
     nan = torch.full((b,), float("nan"), device=masks.device)
     for t in torch.nonzero(labels.sum(0) > 0).flatten().tolist():

@@ -66,8 +66,10 @@ def test_end_to_end_tables_sanity_rows_and_resume(data_root, cache_dir, tmp_path
     first = run(config(data_root, cache_dir, res, methods=METHODS, limit=10))
     assert all(s.computed == 10 and s.failed == 0 for s in first.summaries)
     run_dir = res / "synthetic" / "smallcnn"
-    table = pd.read_csv(run_dir / "segmentation.csv").set_index("method")
-    assert list(table.index) == METHODS  # reference rows first, in Table 2 order
+    long = pd.read_csv(run_dir / "segmentation.csv")
+    assert list(dict.fromkeys(long["method"])) == METHODS  # reference rows first, in Table 2 order
+    table = long.pivot(index="method", columns="label", values="value")
+    table["images"] = long.groupby("method")["images"].min()
     gt = table.loc["ground-truth"]
     assert gt["Acc"] == pytest.approx(100) and gt["IoU"] == pytest.approx(100) and gt["MAE"] == pytest.approx(0)
     assert table.loc["constant-0", "IoU"] == pytest.approx(0)
@@ -78,7 +80,14 @@ def test_end_to_end_tables_sanity_rows_and_resume(data_root, cache_dir, tmp_path
     assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") == 1
     assert r"\toprule" in tex and r"\bottomrule" in tex and "Sal $\\downarrow$" in tex
     assert sum(line.endswith(r"\\") for line in tex.splitlines()) == 1 + len(METHODS)  # header + one per method
+    for name in ("faithfulness", "explainability", "pointing", "masked_classifier", "compute_time", "leaderboard"):
+        assert (run_dir / f"{name}.csv").is_file() and (run_dir / f"{name}.tex").is_file()
+    meta = json.loads((run_dir / "per_image" / "rise.json").read_text())
+    assert meta["timing"]["images"] == 10 and meta["timing"]["explain_seconds"] > 0
+    assert meta["timing"]["warmup_seconds"] > 0  # measured apart, not in explain_seconds
     manifest = json.loads((run_dir / "manifest.json").read_text())
+    counts = {c["method"]: c for c in manifest["counts"]}
+    assert counts["constant-0"]["constant_maps"] > 0 and counts["rise"]["constant_maps"] == 0
     assert manifest["git"]["commit"] and manifest["versions"]["torch_build"] == torch.__version__
     assert manifest["classifier"]["checkpoint_sha256"]
     assert {m["method"] for m in manifest["methods"]} == set(METHODS)
@@ -92,6 +101,9 @@ def test_end_to_end_tables_sanity_rows_and_resume(data_root, cache_dir, tmp_path
     more = {s.method: s for s in run(config(data_root, cache_dir, res, methods=METHODS)).summaries}
     assert more["rise"].skipped == 10 and more["rise"].computed == 6
     assert more["gradcam"].from_cache == 10 and more["gradcam"].computed == 6
+    # compute time belongs to the cached masks: re-scored images keep theirs, new ones add to it
+    meta = json.loads((run_dir / "per_image" / "gradcam.json").read_text())
+    assert meta["timing"]["images"] == 16
 
     # tables are a pure function of the stored rows: rebuilt byte for byte
     before = {p.name: p.read_bytes() for p in run_dir.glob("segmentation.*")}

@@ -1,0 +1,330 @@
+"""Localisation scores of per-class maps against boxes and masks: M_I (DGMP eq. 9) and the pointing game.
+
+Both metrics score each *true-class slot* once (:func:`~maskbench.metrics.base.true_class_slots`: the runner pads
+the explained classes by repeating the first one, and non-true classes are not scored). Everything is vectorised
+on the masks' device; the only Python loops run over the images of a batch and build the box rasters with
+tensor ops.
+
+Ground-truth rasters
+--------------------
+* Boxes are ``[x0, y0, x1, y1]`` in pixel-edge coordinates of the returned image; a box covers pixel (i, j)
+  iff the pixel centre (j + 0.5, i + 0.5) lies in the closed box ``x0 <= j + 0.5 <= x1``,
+  ``y0 <= i + 0.5 <= y1``. A class's box region is the union of **all** its boxes, PASCAL "difficult" ones
+  included (as TorchRay's ``voc_as_mask``) - see :func:`box_union_masks`. A box too thin to contain a pixel
+  centre covers no pixel.
+* The pointing-game GT of an (image, class) pair is the class's segmentation mask minus the ignore band where
+  the image has a segmentation (``has_seg``), else the union of its boxes (:func:`pointing_ground_truth`). A
+  mask is the tighter region, so it is preferred when present; TorchRay uses boxes on VOC and instance masks
+  on COCO, which this rule reproduces on data sets that provide only one of the two.
+
+M_I (``mi``; table "explainability", label "M_I")
+-------------------------------------------------
+"Distribution-Guided Local Explanation" (DGMP), Sec. 3.4, eq. 9 and Sec. 4.2.1: the pixels of the class's map
+are retrieved in decreasing score order; P_i is the fraction of the retrieved pixels inside the class's boxes,
+R_i the fraction of in-box pixels retrieved, and ``M_I = 100 * sum_i P_i (R_i - R_{i-1})``, the average
+precision of the map as a pixel ranking. As in the paper, the GT is the union of the class's boxes even where a
+segmentation exists, and no pixel is excluded (the ignore band is a segmentation notion). Ties: pixels with
+equal scores form **one** retrieval step (they enter together), the convention of scikit-learn's
+``average_precision_score``, so the value does not depend on pixel order (maps come from a float16 cache, so
+exact ties are common); a constant map scores 100 x the box-area fraction. The per-image value is the mean over
+the image's true classes whose box union is non-empty; NaN when there is none (e.g. a data set without boxes).
+
+Pointing game (``pointing``; table "pointing", label "Pointing")
+------------------------------------------------------------------
+Zhang et al., "Top-down Neural Attention by Excitation Backprop" (EBP), ECCV 2016 / IJCV 2018, as TorchRay's
+``benchmark.pointing_game`` implements it:
+
+* the point is the maximum of the class's map; on ties the **first** maximum in row-major order (TorchRay's
+  ``argmax``), and such maps are counted (``tied``);
+* a **constant** map (max == min) has no maximum point: it is scored a **miss**, never a hit (Quantus counts
+  any maximum inside the GT, so a constant map "hits" whenever the GT is non-empty - a known pitfall; TorchRay's
+  argmax would point at pixel (0, 0)), and counted (``constant``);
+* hit iff some GT pixel (i, j) satisfies ``(i - y)^2 + (j - x)^2 < tau^2`` - **strict**, as TorchRay;
+* ``tau = 15 px`` at 224 px (:data:`TOLERANCE_224`), scaled with the image: ``tau = 15 * s / 224`` with s the
+  shorter side of the scored maps (:func:`tolerance_pixels`). TorchRay evaluates at native resolution with the
+  shorter side resized to 224 for the network, so 15 px there are 15 px at 224 px; scaling keeps the tolerance
+  a fixed fraction of the image whatever size the benchmark runs at;
+* (image, class) pairs are **skipped** (not scored, counted in ``skipped_difficult``) when the class has boxes
+  and all of them are PASCAL "difficult" (TorchRay skips these on VOC), and when the GT region is empty (counted
+  in ``no_gt``; TorchRay never meets this case at native resolution). The difficult rule is tested first.
+
+**Difficult subset.** EBP evaluates also on a "difficult" subset: (image, class) pairs whose class covers less
+than 1/4 of the image while the image contains at least one other (distractor) class. TorchRay ships the EBP
+flag files (``pointing_game_ebp_*_difficult.txt``), but they are under a non-commercial licence (CC-BY-NC) and
+exist only for the original VOC07-test / COCO14-val image lists, so the flags are **recomputed** here from the
+annotations: area = the union of the class's boxes (all boxes; the segmentation mask when the image has no box
+of that class), compared with 1/4 of the image area of the returned image, and "other class" = any other
+positive label of the image (not necessarily explained).
+
+Per image the metric returns a dict (rows ``pointing/<key>``; the runner drops NaN cells):
+
+* ``c<k>``: 1.0 hit / 0.0 miss for each scored true class k of the image, NaN otherwise;
+* ``d<k>``: the same, only for pairs of the difficult subset, NaN otherwise;
+* ``constant``, ``tied``: numbers of the scored classes whose map is constant / has a tied maximum;
+* ``no_gt``, ``skipped_difficult``: numbers of true classes skipped for an empty GT / all-difficult boxes.
+
+The counts are NaN for an image without any true class among its explained ones. The class accuracy
+(hits / (hits + misses) per class, then the mean over classes, as TorchRay) is computed by the tables from the
+stored ``c<k>`` / ``d<k>`` cells; :func:`pointing_accuracy` is the same computation on plain lists.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .base import MetricInputs, register_metric, true_class_slots
+
+TOLERANCE_224 = 15  # pointing-game tolerance in pixels at 224 px (EBP, TorchRay)
+DIFFICULT_AREA = 0.25  # EBP difficult subset: the class covers less than this fraction of the image
+_CHUNK = 1 << 22  # elements per chunk of the M_I sort
+
+
+def tolerance_pixels(h: int) -> float:
+    """Pointing-game tolerance in pixels for maps whose (shorter) side is ``h``: ``15 * h / 224``."""
+    return TOLERANCE_224 * h / 224
+
+
+def _all_classes(batch) -> Tensor:
+    b, c = batch.labels.shape
+    return torch.arange(c, device=batch.labels.device).expand(b, c)
+
+
+def _pixel_span(lo: float, hi: float, size: int) -> tuple[int, int]:
+    """Pixels k (a slice [start, stop)) whose centre k + 0.5 lies in the closed interval [lo, hi]."""
+    return max(0, math.ceil(lo - 0.5)), min(size, math.floor(hi - 0.5) + 1)
+
+
+def _box_stats(batch, classes: Tensor, h: int, w: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Box union (B, K, H, W) bool, number of boxes and of difficult boxes (B, K) of each requested class.
+
+    One host read of each image's boxes, then one slice fill per box on the device (no per-pixel work in Python).
+    """
+    b, k = classes.shape
+    dev = classes.device
+    slots_of = classes.tolist()
+    union = torch.zeros(b, k, h, w, dtype=torch.bool, device=dev)
+    n_boxes = [[0] * k for _ in range(b)]
+    n_difficult = [[0] * k for _ in range(b)]
+    for i in range(b):
+        boxes = batch.boxes[i].reshape(-1, 4).tolist()
+        labels = batch.box_labels[i].tolist()
+        difficult = batch.box_difficult[i].tolist()
+        for (x0, y0, x1, y1), label, diff in zip(boxes, labels, difficult, strict=True):
+            slots = [j for j, c in enumerate(slots_of[i]) if c == label]
+            if not slots:
+                continue
+            for j in slots:
+                n_boxes[i][j] += 1
+                n_difficult[i][j] += bool(diff)
+            (c0, c1), (r0, r1) = _pixel_span(x0, x1, w), _pixel_span(y0, y1, h)
+            if c1 > c0 and r1 > r0:
+                for j in slots:
+                    union[i, j, r0:r1, c0:c1] = True
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=dev).view(b, k)  # noqa: E731
+    return union, as_tensor(n_boxes), as_tensor(n_difficult)
+
+
+def box_union_masks(batch, h: int, w: int, classes: Tensor | None = None) -> Tensor:
+    """(B, C, H, W) bool: union of each class's boxes (all boxes, difficult ones included) on an H x W grid.
+
+    With ``classes`` (B, K) long, only those classes: (B, K, H, W), slot by slot.
+    """
+    classes = _all_classes(batch) if classes is None else classes
+    return _box_stats(batch, classes, h, w)[0]
+
+
+def all_boxes_difficult(batch, classes: Tensor | None = None) -> Tensor:
+    """(B, C) bool (or (B, K) for ``classes``): the class has boxes and every one is flagged difficult."""
+    classes = _all_classes(batch) if classes is None else classes
+    _, n_boxes, n_difficult = _box_stats(batch, classes, 0, 0)
+    return (n_boxes > 0) & (n_difficult == n_boxes)
+
+
+def _gather_classes(x: Tensor, classes: Tensor) -> Tensor:
+    """x (B, C, H, W) -> (B, K, H, W) at the given classes."""
+    idx = classes.to(x.device)[:, :, None, None].expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, idx)
+
+
+def _seg_of(batch, classes: Tensor) -> Tensor:
+    """(B, K, H, W) segmentation of the requested classes minus the ignore band (all False without ``has_seg``)."""
+    seg = _gather_classes(batch.class_masks, classes).to(classes.device)
+    return seg & ~batch.ignore.to(classes.device)[:, None]
+
+
+def pointing_ground_truth(batch, classes: Tensor | None = None) -> Tensor:
+    """(B, C, H, W) bool GT region of each (image, class): segmentation minus ignore if ``has_seg``, else boxes.
+
+    With ``classes`` (B, K) long, only those classes: (B, K, H, W).
+    """
+    classes = _all_classes(batch) if classes is None else classes
+    h, w = batch.class_masks.shape[-2:]
+    return _pointing_gt(batch, classes, _box_stats(batch, classes, h, w)[0])
+
+
+def _pointing_gt(batch, classes: Tensor, boxes: Tensor) -> Tensor:
+    has_seg = batch.has_seg.to(classes.device)[:, None, None, None]
+    return torch.where(has_seg, _seg_of(batch, classes), boxes)
+
+
+def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
+    """Average precision (in [0, 1]) of each row of ``scores`` (N, P) as a ranking of the True ``targets``.
+
+    Pixels with equal scores form one retrieval step (scikit-learn's convention). NaN for a row without
+    positives. Computed in float64: one sort per row, cumulative sums, group ends where the sorted value changes.
+    """
+    n, p = scores.shape
+    out = torch.empty(n, dtype=torch.float64, device=scores.device)
+    rows = max(1, _CHUNK // max(p, 1))
+    pos = torch.arange(1, p + 1, device=scores.device, dtype=torch.float64)
+    for s in range(0, n, rows):
+        v, order = torch.sort(scores[s : s + rows].float(), dim=1, descending=True)
+        y = torch.gather(targets[s : s + rows].to(torch.float64), 1, order)
+        tp = y.cumsum(1)
+        end = torch.ones_like(v, dtype=torch.bool)
+        end[:, :-1] = v[:, 1:] != v[:, :-1]
+        # for every position, the index of the last element of its tie group (next group end at or after it)
+        idx = torch.where(end, torch.arange(p, device=v.device), p)
+        last = torch.cummin(idx.flip(1), dim=1).values.flip(1)
+        precision_at_end = torch.gather(tp / pos, 1, last)
+        npos = tp[:, -1]
+        out[s : s + rows] = (y * precision_at_end).sum(1) / npos
+    return out
+
+
+def _per_image_mean(values: Tensor, valid: Tensor) -> Tensor:
+    """Mean over the valid entries of each row of (B, K) ``values``; NaN for a row without any."""
+    total = torch.where(valid, values, torch.zeros_like(values)).sum(1)
+    count = valid.sum(1)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))
+
+
+@register_metric("mi", higher_is_better=True, table="explainability", label="M_I", version="1")
+@torch.no_grad()
+def m_i(inputs: MetricInputs) -> Tensor:
+    """M_I (DGMP eq. 9): average precision (%) of the map's pixel ranking against the class's boxes."""
+    masks, classes, batch = inputs.masks, inputs.classes, inputs.batch
+    classes = classes.to(masks.device)
+    h, w = masks.shape[-2:]
+    slots = true_class_slots(classes, batch.labels.to(masks.device))
+    union = box_union_masks(batch, h, w, classes)
+    valid = slots & union.flatten(2).any(2)
+    ap = torch.zeros(valid.shape, dtype=torch.float64, device=masks.device)
+    if valid.any():
+        ap[valid] = 100 * average_precision(masks[valid].flatten(1), union[valid].flatten(1))
+    return _per_image_mean(ap, valid).float()
+
+
+def difficult_pairs(batch, classes: Tensor | None = None) -> Tensor:
+    """(B, C) (or (B, K)) bool: the EBP "difficult" subset, recomputed (see the module docstring).
+
+    The class is a positive label of the image, covers less than 1/4 of it (union of its boxes; its mask if it
+    has no box) and the image has at least one other positive label.
+    """
+    classes = _all_classes(batch) if classes is None else classes
+    h, w = batch.class_masks.shape[-2:]
+    union, n_boxes, _ = _box_stats(batch, classes, h, w)
+    return _difficult(batch, classes, union, n_boxes)
+
+
+def _difficult(batch, classes: Tensor, union: Tensor, n_boxes: Tensor) -> Tensor:
+    h, w = union.shape[-2:]
+    area = torch.where((n_boxes > 0)[:, :, None, None], union, _seg_of(batch, classes)).flatten(2).sum(2)
+    small = area.double() / (h * w) < DIFFICULT_AREA
+    labels = batch.labels.to(classes.device) > 0
+    positive = torch.gather(labels, 1, classes)
+    others = labels.sum(1, keepdim=True) - positive.long()
+    return positive & small & (others > 0)
+
+
+def pointing_hits(masks: Tensor, gt: Tensor, tolerance: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Pointing game of maps (N, H, W) against GT regions (N, H, W) bool.
+
+    Returns ``hit`` (N,) bool (a constant map is never a hit), ``constant`` (N,) bool and ``tied`` (N,) bool
+    (non-constant map whose maximum is attained at several pixels; the first one in row-major order is used).
+    Hit iff a GT pixel lies at Euclidean distance < ``tolerance`` (strict) from the point.
+    """
+    n, h, w = masks.shape
+    flat = masks.flatten(1)
+    mx, mn = flat.amax(1), flat.amin(1)
+    constant = mx == mn
+    tied = ~constant & ((flat == mx[:, None]).sum(1) > 1)
+    idx = flat.argmax(1)  # first maximum (documented torch behaviour on CPU and CUDA)
+    y, x = (idx // w).int(), (idx % w).int()
+    dy2 = (torch.arange(h, device=masks.device, dtype=torch.int32)[None] - y[:, None]) ** 2  # (N, H)
+    dx2 = (torch.arange(w, device=masks.device, dtype=torch.int32)[None] - x[:, None]) ** 2  # (N, W)
+    # integer squared distance: d2 < tau^2  <=>  d2 < ceil(tau^2)
+    bound = math.ceil(tolerance * tolerance)
+    gt = gt.to(masks.device)
+    near = torch.zeros(n, dtype=torch.bool, device=masks.device)
+    rows = max(1, _CHUNK // max(h * w, 1))
+    for s in range(0, n, rows):
+        accept = (dy2[s : s + rows, :, None] + dx2[s : s + rows, None, :]) < bound
+        near[s : s + rows] = (accept & gt[s : s + rows]).flatten(1).any(1)
+    return near & ~constant, constant, tied
+
+
+@register_metric("pointing", higher_is_better=True, table="pointing", label="Pointing", version="1")
+@torch.no_grad()
+def pointing_game(inputs: MetricInputs) -> dict[str, Tensor]:
+    """Pointing game (EBP / TorchRay): per true class 1 hit / 0 miss, all and difficult subset, plus counts."""
+    masks, batch = inputs.masks, inputs.batch
+    dev = masks.device
+    classes = inputs.classes.to(dev)
+    b, k, h, w = masks.shape
+    slots = true_class_slots(classes, batch.labels.to(dev))
+    if tuple(batch.class_masks.shape[-2:]) != (h, w):
+        raise ValueError(f"Maps are {h}x{w} but the ground truth is {tuple(batch.class_masks.shape[-2:])}.")
+    union, n_boxes, n_difficult = _box_stats(batch, classes, h, w)
+    gt = _pointing_gt(batch, classes, union)
+    all_diff = (n_boxes > 0) & (n_difficult == n_boxes)
+    has_gt = gt.flatten(2).any(2)
+    scored = slots & ~all_diff & has_gt
+    difficult = _difficult(batch, classes, union, n_boxes)
+
+    hit = torch.zeros(b, k, dtype=torch.bool, device=dev)
+    constant = torch.zeros_like(hit)
+    tied = torch.zeros_like(hit)
+    if scored.any():
+        hit[scored], constant[scored], tied[scored] = pointing_hits(
+            masks[scored], gt[scored], tolerance_pixels(min(h, w))
+        )
+
+    nan = torch.full((b, k), math.nan, device=dev)
+    cell = torch.where(scored, hit.float(), nan)
+    cell_d = torch.where(scored & difficult, hit.float(), nan)
+    out: dict[str, Tensor] = {}
+    rows = torch.arange(b, device=dev)
+    for c in sorted(set(classes[slots].tolist())):
+        match = slots & (classes == c)  # at most one slot per image
+        col = match.float().argmax(1)
+        present = match.any(1)
+        out[f"c{c}"] = torch.where(present, cell[rows, col], nan[:, 0])
+        out[f"d{c}"] = torch.where(present, cell_d[rows, col], nan[:, 0])
+    any_slot = slots.any(1)
+    for key, flags in (
+        ("constant", scored & constant),
+        ("tied", scored & tied),
+        ("no_gt", slots & ~all_diff & ~has_gt),
+        ("skipped_difficult", slots & all_diff),
+    ):
+        out[key] = torch.where(any_slot, flags.sum(1).float(), nan[:, 0])
+    return out
+
+
+def pointing_accuracy(cells: Mapping[int, Sequence[float]]) -> float:
+    """Mean over classes of each class's hit rate, from per-image 1.0 / 0.0 cells (NaN = not scored).
+
+    ``cells`` maps a class to its per-image values; classes without any scored image are left out (TorchRay
+    keeps them at 0 accuracy in its 20 / 80-class mean, which only matters on subsets missing a class).
+    """
+    rates = []
+    for values in cells.values():
+        scored = [v for v in values if not math.isnan(v)]
+        if scored:
+            rates.append(sum(scored) / len(scored))
+    return math.nan if not rates else sum(rates) / len(rates)
