@@ -95,7 +95,7 @@ def textured_image(seed=3):
 
 
 def blur_mf(x):
-    return gaussian_blur(x, scaled_sigma(math.sqrt(10), x.shape[-1]), 4.0, "constant")
+    return gaussian_blur(x, scaled_sigma(10.0, x.shape[-1]), 4.0, "constant")
 
 
 def blur_ins(x):
