@@ -164,7 +164,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if s.setup.get("stopped") == "time_budget":
             print(f"{'':>16}   warning: training stopped by its wall-clock cap after {s.setup.get('steps')} steps; "
                   f"the result depends on the machine's speed and load")
-    print(f"wrote {result.run_dir}/segmentation.csv, segmentation.tex, manifest.json "
+    names = sorted({p.stem for p in result.tables})
+    print(f"wrote {result.run_dir}/manifest.json and tables {', '.join(names)} (.csv/.tex) "
           f"({result.manifest['wall_seconds']:.1f} s)")
     if result.failed:
         print(f"WARNING: {result.failed} (method, image) pairs failed and are not in the tables; see the "

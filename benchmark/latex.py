@@ -29,7 +29,8 @@ def _isnan(v: object) -> bool:
 def _cell(row: pd.Series | None, digits: int, ci: bool) -> str:
     if row is None or _isnan(row["value"]):
         return "--"
-    text = f"{row['value']:.{digits}f}"
+    value = row["value"] if round(row["value"], digits) != 0 else 0.0  # no "-0.00"
+    text = f"{value:.{digits}f}"
     if row["best"]:
         text = rf"\textbf{{{text}}}"
     elif row["not_different_from_best"]:

@@ -53,6 +53,7 @@ class RunResult:
     run_dir: Path
     summaries: list[MethodSummary]
     manifest: dict[str, Any]
+    tables: list[Path] = field(default_factory=list)
 
     @property
     def failed(self) -> int:
@@ -395,5 +396,4 @@ def run(config: RunConfig) -> RunResult:
     rows, metas = load_current_rows(run_dir)
     manifest["counts"] = diagnostics(rows, metas).to_dict(orient="records") if not rows.empty else []
     write_json(run_dir / "manifest.json", manifest)
-    write_tables(run_dir)
-    return RunResult(run_dir, summaries, manifest)
+    return RunResult(run_dir, summaries, manifest, write_tables(run_dir))

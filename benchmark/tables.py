@@ -68,11 +68,12 @@ def load_current_rows(run_dir: Path) -> tuple[pd.DataFrame, dict[str, dict]]:
     """All methods' rows computed under each method's current run key, and the method sidecars."""
     store = RowStore(run_dir)
     metas, frames = {}, []
-    for m in store.methods():
-        meta = store.load_meta(m)
-        rows = store.load(m, run_key=meta.get("run_key"))
+    for stem in store.methods():
+        meta = store.load_meta(stem)
+        rows = store.load(stem, run_key=meta.get("run_key"))
         if rows.empty:
             continue
+        m = meta.get("method", stem)  # the registered name; the file stem is a file-safe version of it
         metas[m] = meta
         frames.append(rows.assign(method=m))
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["method", "image_id", "metric"])

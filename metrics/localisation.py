@@ -34,8 +34,12 @@ Pointing game (``pointing``; table "pointing", label "Pointing")
 Zhang et al., "Top-down Neural Attention by Excitation Backprop" (EBP), ECCV 2016 / IJCV 2018, as TorchRay's
 ``benchmark.pointing_game`` implements it:
 
-* the point is the maximum of the class's map; on ties the **first** maximum in row-major order (TorchRay's
-  ``argmax``), and such maps are counted (``tied``);
+* the point is the maximum of the class's map. When several pixels share the maximum (counted, ``tied``) the
+  cell is the **expected hit** over a uniformly random choice among them, i.e. the fraction of the tied maxima
+  that hit, a value in [0, 1]. TorchRay takes the first maximum in row-major order, which never matters on its
+  float32 maps but does on ours: cached maps are float16, gradient maps are clipped at a percentile (every one
+  of their maps has a plateau of maxima), and a binary map (the ground-truth row) is all maxima; the first one in
+  row-major order is the topmost, a bias, not a tie rule. On maps with a single maximum both rules agree;
 * a **constant** map (max == min) has no maximum point: it is scored a **miss**, never a hit (Quantus counts
   any maximum inside the GT, so a constant map "hits" whenever the GT is non-empty - a known pitfall; TorchRay's
   argmax would point at pixel (0, 0)), and counted (``constant``);
@@ -58,7 +62,8 @@ positive label of the image (not necessarily explained).
 
 Per image the metric returns a dict (rows ``pointing/<key>``; the runner drops NaN cells):
 
-* ``c<k>``: 1.0 hit / 0.0 miss for each scored true class k of the image, NaN otherwise;
+* ``c<k>``: 1.0 hit / 0.0 miss (the expected hit in [0, 1] for tied maxima) for each scored true class k of the
+  image, NaN otherwise;
 * ``d<k>``: the same, only for pairs of the difficult subset, NaN otherwise;
 * ``constant``, ``tied``: numbers of the scored classes whose map is constant / has a tied maximum;
 * ``no_gt``, ``skipped_difficult``: numbers of true classes skipped for an empty GT / all-difficult boxes.
@@ -241,34 +246,47 @@ def _difficult(batch, classes: Tensor, union: Tensor, n_boxes: Tensor) -> Tensor
     return positive & small & (others > 0)
 
 
+def acceptance_disc(tolerance: float, device: torch.device | str | None = None) -> Tensor:
+    """(2r+1, 2r+1) bool: the integer offsets (dy, dx) with dy^2 + dx^2 < tolerance^2 (strict, as TorchRay)."""
+    bound = math.ceil(tolerance * tolerance)  # integer squared distance: d2 < tau^2  <=>  d2 < ceil(tau^2)
+    r = max(0, math.isqrt(max(bound - 1, 0)))
+    t = torch.arange(-r, r + 1, device=device)
+    return (t[:, None] ** 2 + t[None, :] ** 2) < bound
+
+
+def near_ground_truth(gt: Tensor, tolerance: float) -> Tensor:
+    """(N, H, W) bool: pixels from which some GT pixel lies at distance < ``tolerance`` (a disc dilation)."""
+    disc = acceptance_disc(tolerance, gt.device).float()
+    r = (disc.shape[-1] - 1) // 2
+    n, h, w = gt.shape
+    out = torch.empty(n, h, w, dtype=torch.bool, device=gt.device)
+    rows = max(1, _CHUNK // max(h * w * disc.numel() // 64, 1))
+    for s in range(0, n, rows):  # exact: sums of at most (2r+1)^2 ones in float32
+        x = gt[s : s + rows, None].float()
+        out[s : s + rows] = torch.nn.functional.conv2d(x, disc[None, None], padding=r)[:, 0] > 0.5
+    return out
+
+
 def pointing_hits(masks: Tensor, gt: Tensor, tolerance: float) -> tuple[Tensor, Tensor, Tensor]:
     """Pointing game of maps (N, H, W) against GT regions (N, H, W) bool.
 
-    Returns ``hit`` (N,) bool (a constant map is never a hit), ``constant`` (N,) bool and ``tied`` (N,) bool
-    (non-constant map whose maximum is attained at several pixels; the first one in row-major order is used).
-    Hit iff a GT pixel lies at Euclidean distance < ``tolerance`` (strict) from the point.
+    Returns ``hit`` (N,) float in [0, 1]: 1 / 0 when the maximum is a single pixel (hit iff a GT pixel lies at
+    Euclidean distance < ``tolerance``, strict), the fraction of the maxima that hit when several pixels tie
+    (the expected hit of a uniformly random choice among them), 0 for a constant map; ``constant`` (N,) bool and
+    ``tied`` (N,) bool (non-constant map whose maximum is attained at several pixels).
     """
-    n, h, w = masks.shape
     flat = masks.flatten(1)
     mx, mn = flat.amax(1), flat.amin(1)
     constant = mx == mn
-    tied = ~constant & ((flat == mx[:, None]).sum(1) > 1)
-    idx = flat.argmax(1)  # first maximum (documented torch behaviour on CPU and CUDA)
-    y, x = (idx // w).int(), (idx % w).int()
-    dy2 = (torch.arange(h, device=masks.device, dtype=torch.int32)[None] - y[:, None]) ** 2  # (N, H)
-    dx2 = (torch.arange(w, device=masks.device, dtype=torch.int32)[None] - x[:, None]) ** 2  # (N, W)
-    # integer squared distance: d2 < tau^2  <=>  d2 < ceil(tau^2)
-    bound = math.ceil(tolerance * tolerance)
-    gt = gt.to(masks.device)
-    near = torch.zeros(n, dtype=torch.bool, device=masks.device)
-    rows = max(1, _CHUNK // max(h * w, 1))
-    for s in range(0, n, rows):
-        accept = (dy2[s : s + rows, :, None] + dx2[s : s + rows, None, :]) < bound
-        near[s : s + rows] = (accept & gt[s : s + rows]).flatten(1).any(1)
-    return near & ~constant, constant, tied
+    is_max = flat == mx[:, None]
+    n_max = is_max.sum(1)
+    tied = ~constant & (n_max > 1)
+    near = near_ground_truth(gt.to(masks.device), tolerance).flatten(1)
+    hit = (is_max & near).sum(1).float() / n_max.clamp_min(1).float()
+    return torch.where(constant, torch.zeros_like(hit), hit), constant, tied
 
 
-@register_metric("pointing", higher_is_better=True, table="pointing", label="Pointing", version="1")
+@register_metric("pointing", higher_is_better=True, table="pointing", label="Pointing", version="2")
 @torch.no_grad()
 def pointing_game(inputs: MetricInputs) -> dict[str, Tensor]:
     """Pointing game (EBP / TorchRay): per true class 1 hit / 0 miss, all and difficult subset, plus counts."""
@@ -286,17 +304,17 @@ def pointing_game(inputs: MetricInputs) -> dict[str, Tensor]:
     scored = slots & ~all_diff & has_gt
     difficult = _difficult(batch, classes, union, n_boxes)
 
-    hit = torch.zeros(b, k, dtype=torch.bool, device=dev)
-    constant = torch.zeros_like(hit)
-    tied = torch.zeros_like(hit)
+    hit = torch.zeros(b, k, device=dev)
+    constant = torch.zeros(b, k, dtype=torch.bool, device=dev)
+    tied = torch.zeros_like(constant)
     if scored.any():
         hit[scored], constant[scored], tied[scored] = pointing_hits(
             masks[scored], gt[scored], tolerance_pixels(min(h, w))
         )
 
     nan = torch.full((b, k), math.nan, device=dev)
-    cell = torch.where(scored, hit.float(), nan)
-    cell_d = torch.where(scored & difficult, hit.float(), nan)
+    cell = torch.where(scored, hit, nan)
+    cell_d = torch.where(scored & difficult, hit, nan)
     out: dict[str, Tensor] = {}
     rows = torch.arange(b, device=dev)
     for c in sorted(set(classes[slots].tolist())):

@@ -9,6 +9,7 @@ from mb_testutils import make_batch
 from maskbench.metrics import METRICS, MetricInputs
 from maskbench.metrics.localisation import (
     TOLERANCE_224,
+    acceptance_disc,
     all_boxes_difficult,
     average_precision,
     box_union_masks,
@@ -164,18 +165,25 @@ def test_constant_map_is_a_miss_and_counted():
     assert out["constant"].item() == 1 and out["tied"].item() == 0
 
 
-@pytest.mark.parametrize("first_inside, hit", [(False, 0.0), (True, 1.0)])
-def test_tied_maximum_uses_the_first_in_row_major_order(first_inside, hit):
+@pytest.mark.parametrize("inside, outside, hit", [(1, 1, 0.5), (1, 3, 0.25), (2, 0, 1.0), (0, 2, 0.0)])
+def test_tied_maxima_score_the_expected_hit_whatever_their_order(inside, outside, hit):
     batch = make([[0]], 64, 64, boxes=[[(0, [40, 40, 50, 50], False)]])
     m = torch.zeros(64, 64)
-    m[45, 45] = 1.0  # inside the box
-    m[2, 60] = 1.0  # far away, but earlier in row-major order
-    if first_inside:
-        m[2, 60] = 0.5
-        m[45, 46] = 1.0
+    m[5, 5] = 0.5  # not a maximum: never counts
+    for j in range(inside):
+        m[45, 45 + j] = 1.0  # inside the box, late in row-major order
+    for j in range(outside):
+        m[2, 10 + 5 * j] = 1.0  # far away, first in row-major order (TorchRay's argmax would pick one of these)
     out = run(pointing_game, batch, [[m]], [[0]])
-    assert out["c0"].item() == hit
-    assert out["tied"].item() == 1 and out["constant"].item() == 0
+    assert out["c0"].item() == pytest.approx(hit)
+    assert out["tied"].item() == (inside + outside > 1) and out["constant"].item() == 0
+
+
+def test_acceptance_disc_is_the_strict_euclidean_disc():
+    disc = acceptance_disc(15.0)
+    assert disc.shape == (29, 29)  # 14 px is the farthest integer offset along an axis
+    assert disc[14, 0] and disc[14, 28] and disc[0, 14] and not disc[0, 0]
+    assert disc.sum().item() == sum(1 for dy in range(-14, 15) for dx in range(-14, 15) if dy * dy + dx * dx < 225)
 
 
 def test_ground_truth_from_mask_when_segmented_else_boxes():
