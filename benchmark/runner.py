@@ -29,6 +29,7 @@ from .store import MaskCache, RowStore, rows_from_values
 
 SAVE_EVERY_SECONDS = 20.0
 COMPLETE = "_complete"  # per-image marker row: all metrics of the image were stored
+MASK_DTYPE = torch.float16  # precision of the mask cache, and of every mask that is scored
 
 
 @dataclass
@@ -207,7 +208,8 @@ class _MethodRun:
             self.summary.errors.append(f"{[ids[j] for j in missing][:3]}: {type(exc).__name__}: {exc}")
             ok[missing] = False
             return
-        out = out.detach().float()
+        # scored as cached (float16): rows do not depend on whether a mask was computed now or read back
+        out = out.detach().to(MASK_DTYPE).float()
         out_cpu, classes_cpu = out.cpu().numpy(), classes.cpu().numpy()
         for local, j in enumerate(missing):
             if bool(nan[local]):

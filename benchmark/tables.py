@@ -289,11 +289,12 @@ def class_table(rows: pd.DataFrame, metas: dict[str, dict], class_names: list[st
 
 def _class_blocks(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     blocks = []
-    for _, sub in table.groupby("method", sort=False):
+    for method, sub in table.groupby("method", sort=False):
         masks = ["none"] + [m for m in dict.fromkeys(sub["mask"]) if m != "none"]
         wide = sub.pivot(index="target", columns="mask", values="value")
         wide = wide.reindex(index=list(dict.fromkeys(sub["target"])), columns=masks)
-        blocks.append((str(sub["label"].iloc[0]), wide))
+        label = str(sub["label"].iloc[0])
+        blocks.append((label if label == method else f"{label} ({method})", wide))
     return blocks
 
 

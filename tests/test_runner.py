@@ -96,11 +96,15 @@ def test_end_to_end_tables_sanity_rows_and_resume(data_root, cache_dir, tmp_path
     again = run(config(data_root, cache_dir, res, methods=METHODS, limit=10))
     assert all(s.skipped == 10 and s.computed == 0 and s.from_cache == 0 for s in again.summaries)
 
-    # a longer run computes only the new images; lost rows are re-scored from the mask cache
+    # a longer run computes only the new images; lost rows are re-scored from the mask cache, to the same values
+    fresh = pd.read_csv(run_dir / "per_image" / "gradcam.csv")
     (run_dir / "per_image" / "gradcam.csv").unlink()
     more = {s.method: s for s in run(config(data_root, cache_dir, res, methods=METHODS)).summaries}
     assert more["rise"].skipped == 10 and more["rise"].computed == 6
     assert more["gradcam"].from_cache == 10 and more["gradcam"].computed == 6
+    rescored = pd.read_csv(run_dir / "per_image" / "gradcam.csv")
+    rescored = rescored[rescored["image_id"].isin(set(fresh["image_id"]))]
+    pd.testing.assert_frame_equal(fresh.reset_index(drop=True), rescored.reset_index(drop=True))
     # compute time belongs to the cached masks: re-scored images keep theirs, new ones add to it
     meta = json.loads((run_dir / "per_image" / "gradcam.json").read_text())
     assert meta["timing"]["images"] == 16
