@@ -384,6 +384,7 @@ def run(config: RunConfig) -> RunResult:
             "name": config.dataset,
             "split": config.split,
             "images": len(image_ids),
+            "image_size": list(test.load(image_ids[0]).image.shape[-2:]) if image_ids else None,
             "fingerprint": data_key,
             "classes": test.classes,
             "repr": repr(test),

@@ -307,7 +307,8 @@ def write_tables(run_dir: Path, *, resamples: int = RESAMPLES, seed: int = SEED,
     rows = rows[["method", "image_id", "metric", "value"]]
     dataset, model = run_dir.parent.name, run_dir.name
     manifest = run_dir / "manifest.json"
-    class_names = read_json(manifest).get("dataset", {}).get("classes") if manifest.is_file() else None
+    data_info = read_json(manifest).get("dataset", {}) if manifest.is_file() else {}
+    class_names = data_info.get("classes")
     presets = sorted({meta.get("preset", "") for meta in metas.values()
                       if meta.get("family") != "reference" and meta.get("preset")})
     n_images = rows.loc[rows["metric"] == "_complete", "image_id"].nunique()
@@ -334,7 +335,8 @@ def write_tables(run_dir: Path, *, resamples: int = RESAMPLES, seed: int = SEED,
         table = statistics_table(sub, methods, spec.stats, eligible, resamples, seed)
         computed[spec.name] = table
         extra = {h: {r.method: str(getattr(r, col)) for r in diag.itertuples()} for h, col in spec.extra.items()}
-        caption = f"{spec.caption} {where}. After {spec.paper}. {ci_note}{mark_note}"
+        caption = f"{spec.caption}{_pointing_tolerance(data_info) if spec.name == 'pointing' else ''} Run: " \
+                  f"{where}. After {spec.paper}. {ci_note}{mark_note}"
         written.append(atomic_write(run_dir / f"{spec.name}.csv", _csv(_long(table, spec.name, all_metas))))
         written.append(atomic_write(run_dir / f"{spec.name}.tex", statistics_latex(
             table, methods, labels, families, caption, f"tab:{spec.name}-{dataset}-{model}", ci=ci, extra=extra)))
@@ -380,6 +382,17 @@ def write_tables(run_dir: Path, *, resamples: int = RESAMPLES, seed: int = SEED,
             board, methods, labels, families, cap, f"tab:leaderboard-{dataset}-{model}", ci=ci,
             extra={"Images/s": rate})))
     return written
+
+
+def _pointing_tolerance(data_info: dict) -> str:
+    """Caption text: the pointing-game tolerance at this run's image size (15 px at 224 px, scaled)."""
+    from maskbench.metrics.localisation import TOLERANCE_224, tolerance_pixels
+
+    size = data_info.get("image_size")
+    if not size:
+        return rf" A hit is within {TOLERANCE_224} px at 224 px, scaled with the image."
+    return (rf" A hit is within $\tau = {tolerance_pixels(min(size)):.2f}$ px of the ground truth at "
+            rf"{size[0]}$\times${size[1]} px ({TOLERANCE_224} px at 224 px, scaled).")
 
 
 def _leaderboard(computed: dict[str, pd.DataFrame]) -> pd.DataFrame:

@@ -167,3 +167,14 @@ def test_load_current_rows_ignores_stale_rows(results):
     store.save("alpha", pd.concat([store.load("alpha"), stale]))
     rows, _ = load_current_rows(run)
     assert "9999" not in set(rows.loc[rows["method"] == "alpha", "image_id"])
+
+
+@pytest.mark.parametrize("size, text", [([224, 224], r"$\tau = 15.00$ px"), ([64, 64], r"$\tau = 4.29$ px"),
+                                        (None, "15 px at 224 px, scaled with the image")])
+def test_pointing_caption_states_the_tolerance_at_the_run_size(results, size, text):
+    from maskbench.benchmark.storage import write_json
+
+    run = results / "synthetic" / "smallcnn"
+    write_json(run / "manifest.json", {"dataset": {"image_size": size, "classes": ["a", "b"]}})
+    write_tables(run)
+    assert text in (run / "pointing.tex").read_text()
