@@ -385,6 +385,7 @@ def run(config: RunConfig) -> RunResult:
             "split": config.split,
             "images": len(image_ids),
             "image_size": list(test.load(image_ids[0]).image.shape[-2:]) if image_ids else None,
+            "table_classes": session.extra_classes,  # class indices of the class-specific masking table
             "fingerprint": data_key,
             "classes": test.classes,
             "repr": repr(test),

@@ -304,11 +304,11 @@ def write_tables(run_dir: Path, *, resamples: int = RESAMPLES, seed: int = SEED,
     rows, metas = load_current_rows(run_dir)
     if rows.empty:
         return []
-    rows = rows[["method", "image_id", "metric", "value"]]
-    dataset, model = run_dir.parent.name, run_dir.name
     manifest = run_dir / "manifest.json"
     data_info = read_json(manifest).get("dataset", {}) if manifest.is_file() else {}
     class_names = data_info.get("classes")
+    rows = _table_class_cells(rows[["method", "image_id", "metric", "value"]], data_info.get("table_classes"))
+    dataset, model = run_dir.parent.name, run_dir.name
     presets = sorted({meta.get("preset", "") for meta in metas.values()
                       if meta.get("family") != "reference" and meta.get("preset")})
     n_images = rows.loc[rows["metric"] == "_complete", "image_id"].nunique()
@@ -393,6 +393,21 @@ def _pointing_tolerance(data_info: dict) -> str:
         return rf" A hit is within {TOLERANCE_224} px at 224 px, scaled with the image."
     return (rf" A hit is within $\tau = {tolerance_pixels(min(size)):.2f}$ px of the ground truth at "
             rf"{size[0]}$\times${size[1]} px ({TOLERANCE_224} px at 224 px, scaled).")
+
+
+def _table_class_cells(rows: pd.DataFrame, table_classes: list[int] | None) -> pd.DataFrame:
+    """Keep the class-masking cells whose target and mask are both table classes (NeurIPS 2022 Table 1: the five
+    VOC classes against each other). Cells of other true classes are stored too (the rows keep everything) but
+    would mix classes with very different image counts into the contrast."""
+    if not table_classes:
+        return rows
+    keep = {f"t{t}" for t in table_classes}
+    masks = {f"m{m}" for m in table_classes} | {"none"}
+    cm = rows["metric"].str.startswith("classmask/")
+    parts = rows.loc[cm, "metric"].str.split("/", expand=True)
+    ok = pd.Series(True, index=rows.index)
+    ok[cm] = parts[1].isin(keep) & parts[2].isin(masks)
+    return rows[ok]
 
 
 def _leaderboard(computed: dict[str, pd.DataFrame]) -> pd.DataFrame:

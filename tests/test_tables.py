@@ -178,3 +178,18 @@ def test_pointing_caption_states_the_tolerance_at_the_run_size(results, size, te
     write_json(run / "manifest.json", {"dataset": {"image_size": size, "classes": ["a", "b"]}})
     write_tables(run)
     assert text in (run / "pointing.tex").read_text()
+
+
+def test_class_table_keeps_only_the_table_classes(results):
+    from maskbench.benchmark.storage import write_json
+
+    run = results / "synthetic" / "smallcnn"
+    write_tables(run)
+    everything = pd.read_csv(run / "class_table.csv")
+    assert set(everything["target"].astype(str)) == {"0", "1"}  # no manifest: every stored cell
+    write_json(run / "manifest.json", {"dataset": {"classes": ["a", "b"], "table_classes": [1]}})
+    write_tables(run)
+    table = pd.read_csv(run / "class_table.csv")
+    assert set(table["target"]) == {"b"} and set(table["mask"]) == {"none", "b"}
+    contrast = pd.read_csv(run / "class_contrast.csv")
+    assert contrast.loc[contrast["statistic"] == "class_off_diagonal", "value"].isna().all()  # no other class
