@@ -169,7 +169,8 @@ def statistics_table(rows: pd.DataFrame, methods: list[str], stats: list[Statist
     """Long table: one row per (statistic, method) with value, 95% CI, image counts, best and tie flags.
 
     ``rows`` holds every method's per-image rows (columns method, image_id, metric, value); ``eligible`` tells
-    which methods compete for best (reference rows do not). The images are the union over ``methods``; all
+    which methods compete for best and for "not different from the best" (reference rows do not). The images are
+    the union over ``methods``; all
     methods share the same bootstrap draws.
     """
     image_ids = sorted(set(rows.loc[rows["method"].isin(methods), "image_id"]))
@@ -189,7 +190,8 @@ def statistics_table(rows: pd.DataFrame, methods: list[str], stats: list[Statist
         for m in names:
             e = ests[m]
             is_best = b is not None and m == names[b]
-            tied = b is not None and not is_best and same_as_best(ests[names[b]].samples, e.samples)
+            tied = (b is not None and not is_best and eligible.get(m, True)
+                    and same_as_best(ests[names[b]].samples, e.samples))
             records.append({"statistic": stat.name, "label": stat.label, "higher_is_better": stat.higher_is_better,
                             "method": m, "value": e.value, "ci_low": e.ci_low, "ci_high": e.ci_high,
                             "images": e.images, "undefined": e.undefined, "best": is_best,

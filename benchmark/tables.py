@@ -418,14 +418,14 @@ def _leaderboard(computed: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def _pointing_per_class(rows: pd.DataFrame, metas: dict[str, dict], class_names: list[str] | None) -> pd.DataFrame:
-    """Hits, pairs and accuracy per method, class and subset (all / difficult)."""
+    """Hits (expected hits for tied maxima), pairs and accuracy per method, class and subset (all / difficult)."""
     sub = rows[rows["metric"].str.match(r"^pointing/[cd]\d+$")].dropna(subset=["value"])
     parts = sub["metric"].str.split("/", expand=True)[1]
     sub = sub.assign(subset=np.where(parts.str.startswith("c"), "all", "difficult"),
                      class_id=parts.str.slice(1).astype(int))
     g = sub.groupby(["method", "subset", "class_id"])["value"]
-    out = pd.DataFrame({"hits": g.sum().astype(int), "pairs": g.count()}).reset_index()
-    out["accuracy"] = 100.0 * out["hits"] / out["pairs"]
+    # a tied maximum scores its expected hit, so hits are not whole numbers
+    out = pd.DataFrame({"hits": g.sum(), "pairs": g.count(), "accuracy": 100.0 * g.mean()}).reset_index()
     out["class"] = [class_names[i] if class_names and i < len(class_names) else str(i) for i in out["class_id"]]
     order = {m: i for i, m in enumerate(_method_order(metas))}
     out = out.sort_values(["method", "subset", "class_id"],

@@ -2,7 +2,8 @@
 
 The multi-label classifier is run on the original image and on the image multiplied by the method's merged
 mask of the image's true classes (per-pixel max, as for the segmentation scores; masked-out pixels take the
-mean colour). A class is predicted when its logit exceeds a threshold: ``ORIGINAL_THRESHOLD`` = 0.0 on the
+mean colour). A class is predicted when its logit reaches a threshold (``>=``, as NN-Explainer's
+``MultiLabelMetrics``): ``ORIGINAL_THRESHOLD`` = 0.0 on the
 original image (p = 0.5, NN-Explainer's ``metrics_threshold`` for the classifier) and ``MASKED_THRESHOLD`` =
 -1.0 on masked images (the Explainer's default ``metrics_threshold``; the paper: "since masked images result
 in overall lower logits, we have used slightly different thresholds"). Per image the metric stores the counts
@@ -23,7 +24,7 @@ MASKED_THRESHOLD = -1.0
 
 
 def _counts(logits: Tensor, labels: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
-    pred = logits > threshold
+    pred = logits >= threshold  # NN-Explainer's MultiLabelMetrics
     truth = labels > 0
     tp = (pred & truth).sum(1).float()
     fp = (pred & ~truth).sum(1).float()
@@ -31,7 +32,8 @@ def _counts(logits: Tensor, labels: Tensor, threshold: float) -> tuple[Tensor, T
     return tp, fp, fn
 
 
-@register_metric("maskcls", higher_is_better=True, table="masked_classifier", label="Masked classifier")
+@register_metric("maskcls", higher_is_better=True, table="masked_classifier", label="Masked classifier",
+                 version="2")
 @torch.no_grad()
 def masked_classifier_counts(inputs: MetricInputs) -> dict[str, Tensor]:
     """Per-image TP/FP/FN of the classifier on the original and on the merged-mask image (NeurIPS 2022 Table 4)."""

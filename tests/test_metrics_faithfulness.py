@@ -108,8 +108,10 @@ def tied_map(b=1, k=1, seed=0):
     return (m * 8).floor().half().float() / 8
 
 
-def score(model, images, masks, labels, classes):
+def score(model, images, masks, labels, classes, ids=None):
     batch = make_batch(labels, torch.zeros(images.shape[0], 4, H, W), images=images)
+    if ids is not None:
+        batch.image_ids = list(ids)
     inputs = MetricInputs(model, images, masks, torch.as_tensor(classes), batch)
     return {n: METRICS.get(n).fn(inputs) for n in NAMES}, inputs
 
@@ -127,47 +129,57 @@ def test_distinct_scores_reveal_exactly_the_top_n():
     for s, f in enumerate(fr.tolist()):
         n = round(f * p)
         assert torch.equal(r[0, s], (scores[0] >= p - n).float())
+    # with distinct scores the seed changes nothing
+    assert torch.equal(reveal_fractions(scores, fr, seeds=[123]), r)
 
 
-def test_constant_map_reveals_every_pixel_by_f():
-    fr = torch.arange(33) / 32
-    r = reveal_fractions(torch.full((2, 4, 8), 0.25).half(), fr)
-    assert r.dtype == torch.float32
-    for s, f in enumerate(fr.tolist()):
-        assert torch.allclose(r[:, s], torch.full((2, 4, 8), f))
-
-
-def test_tie_group_straddling_the_threshold_shares_the_rest():
+def test_tie_group_straddling_the_threshold_is_cut_by_the_seeded_order():
     s = torch.zeros(16)
     s[[2, 5, 11]] = 5.0  # 3 on top
     s[[0, 7, 8, 14]] = 2.0  # 4 tied below them, 9 zeros
-    r = reveal_fractions(s.view(1, 4, 4), [6 / 16, 8 / 16, 3 / 16, 0.0]).view(4, 16)
     top, tie, low = s == 5, s == 2, s == 0
-    assert torch.allclose(r[0, top], torch.ones(3)) and torch.allclose(r[0, tie], torch.full((4,), 0.75))
-    assert torch.equal(r[0, low], torch.zeros(9))
-    assert torch.allclose(r[1, top | tie], torch.ones(7)) and torch.allclose(r[1, low], torch.full((9,), 1 / 9))
-    assert torch.equal(r[2], top.float())
-    assert torch.equal(r[3], torch.zeros(16))
+    chosen = set()
+    for seed in range(20):
+        r = reveal_fractions(s.view(1, 4, 4), [6 / 16, 8 / 16, 3 / 16, 0.0], seeds=[seed]).view(4, 16)
+        assert r[0, top].sum() == 3 and r[0, tie].sum() == 3 and r[0, low].sum() == 0  # 6 = 3 above + 3 of 4 tied
+        assert r[1, top | tie].sum() == 7 and r[1, low].sum() == 1
+        assert torch.equal(r[2], top.float()) and torch.equal(r[3], torch.zeros(16))
+        chosen.add(tuple(torch.nonzero(r[0, tie] == 0).flatten().tolist()))
+    assert len(chosen) == 4  # which tied pixel is left out depends on the seed only
 
 
-def test_reveal_sums_to_the_rounded_count_and_stays_in_range():
+def test_constant_map_is_revealed_in_a_seeded_random_order():
+    fr = torch.arange(33) / 32
+    maps = torch.full((2, 4, 8), 0.25).half()
+    r = reveal_fractions(maps, fr, seeds=[7, 7])
+    assert set(r.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(r[0], r[1])  # same seed, same order
+    assert torch.equal(reveal_fractions(maps, fr, seeds=[7, 7]), r)  # and every time
+    assert not torch.equal(reveal_fractions(maps[:1], fr, seeds=[8])[0], r[0])
+    for s, f in enumerate(fr.tolist()):
+        assert r[0, s].sum().item() == round(f * 32)
+    # over many seeds every pixel comes first equally often: no top-left (row-major) bias
+    half = torch.stack([reveal_fractions(maps[:1], [0.5], seeds=[sd])[0, 0] for sd in range(400)]).mean(0)
+    assert half[:2].mean().item() == pytest.approx(0.5, abs=0.06) and half[2:].mean().item() == pytest.approx(
+        0.5, abs=0.06)
+
+
+def test_reveal_sums_to_the_rounded_count_and_nan_ranks_last():
     maps = tied_map(3, 2).view(6, H, W)
     maps[0] = 0.5  # constant
     maps[1, :4] = float("nan")  # NaN ranks last
     fr = torch.linspace(0, 1, 29)
-    r = reveal_fractions(maps[:, :7, :9], fr)  # odd-sized crop
+    r = reveal_fractions(maps[:, :7, :9], fr, seeds=range(6))  # odd-sized crop
     counts = torch.round(fr.double() * 63)
-    assert torch.allclose(r.sum((2, 3)).double(), counts.expand(6, -1), atol=1e-4)
-    assert r.min() >= 0 and r.max() <= 1
+    assert torch.equal(r.sum((2, 3)).double(), counts.expand(6, -1))
+    assert set(r.unique().tolist()) <= {0.0, 1.0}
+    nan_rows = r[1, :, :4].flatten(1).sum(1)  # the 36 NaN pixels of the crop come after the 27 others
+    assert torch.equal(nan_rows, (counts - 27).clamp(min=0).float())
 
 
-def test_reveal_is_independent_of_pixel_order():
-    maps = tied_map(2, 1).view(2, H * W)
-    perm = torch.randperm(H * W, generator=torch.Generator().manual_seed(5))
-    fr = torch.arange(17) / 16
-    r = reveal_fractions(maps.view(2, H, W), fr).view(2, 17, -1)
-    rp = reveal_fractions(maps[:, perm].view(2, H, W), fr).view(2, 17, -1)
-    assert torch.equal(rp, r[:, :, perm])
+def test_tie_seed_depends_on_image_and_class_only():
+    assert faith.tie_seed("img7", 3) == faith.tie_seed("img7", 3)
+    assert len({faith.tie_seed("img7", 3), faith.tie_seed("img7", 4), faith.tie_seed("img8", 3)}) == 3
 
 
 def test_reveal_chunking_gives_the_same_answer(monkeypatch):
@@ -242,13 +254,12 @@ def test_mf_known_answer_for_a_region_map():
     model = RegionNet([R0, R1])
     x = checker_image()
     s, inputs = score(model, x, R0[None, None].clone(), [[0]], [[0]])
-    # by hand: reveal k*32 of the 1024 pixels; the 64 tied pixels of R0 come first, then the 960 tied others
+    # by hand: reveal k*32 of the 1024 pixels; the 64 tied pixels of R0 come first (in the seeded order of
+    # image "img0", class 0), then the 960 tied others
+    ranks = faith.pixel_ranks(R0.view(1, -1), [faith.tie_seed("img0", 0)]).view(H, W)
+    assert ranks[R0 > 0].max() == 63 and ranks[R0 == 0].min() == 64
     a = blur_mf(x)
-    rs = []
-    for k in range(33):
-        n = 32 * k
-        inside, outside = min(1.0, n / 64), max(0.0, (n - 64) / 960)
-        rs.append(R0 * inside + (1 - R0) * outside)
+    rs = [(ranks < 32 * k).float() for k in range(33)]
     q = torch.sigmoid(model(a + torch.stack(rs)[:, None] * (x - a))[:, 0])
     gap = q[-1] - q[0]
     assert gap > 0.5
@@ -350,7 +361,7 @@ def test_batch_and_chunking_do_not_change_values(monkeypatch):
     labels, classes = [[0, 2], [1], [1, 3]], [[0, 2], [1, 1], [3, 1]]
     whole, _ = score(model, x, masks, labels, classes)
     for i in range(3):
-        one, _ = score(model, x[i : i + 1], masks[i : i + 1], [labels[i]], [classes[i]])
+        one, _ = score(model, x[i : i + 1], masks[i : i + 1], [labels[i]], [classes[i]], ids=[f"img{i}"])
         for n in NAMES:
             assert torch.allclose(one[n], whole[n][i : i + 1], atol=1e-4, equal_nan=True), n
     monkeypatch.setattr(faith, "CHUNK_BYTES", 40 * H * W * 30)  # a few rows per chunk: slots and steps split

@@ -35,8 +35,9 @@ def test_counts_on_original_and_masked_images():
     # true classes {0, 1}; clean logits predict {0, 2} at 0.0 -> tp 1, fp 1 (class 2), fn 1 (class 1)
     full = counts(1.0)
     assert (full["orig_tp"], full["orig_fp"], full["orig_fn"]) == ([1.0], [1.0], [1.0])
-    # mask of ones leaves the image unchanged; at -1.0 class 1 (logit -1) is still not predicted (strict >)
-    assert (full["tp"], full["fp"], full["fn"]) == ([1.0], [1.0], [1.0])
+    # mask of ones leaves the image unchanged; at -1.0 class 1 (logit exactly -1) is predicted (>=, as the
+    # reference code) -> tp 2, fp 1, fn 0; class 3 (logit -2) stays negative
+    assert (full["tp"], full["fp"], full["fn"]) == ([2.0], [1.0], [0.0])
     # a zero mask blanks the image: blank logits predict {0, 1} at -1.0 -> tp 2, fp 0, fn 0
     empty = counts(0.0)
     assert (empty["tp"], empty["fp"], empty["fn"]) == ([2.0], [0.0], [0.0])
@@ -45,4 +46,4 @@ def test_counts_on_original_and_masked_images():
 
 def test_image_without_true_class_among_explained_is_undefined():
     out = counts(1.0, labels=((0, 1), (3,)))  # image 1's only true class (3) is not among the explained 0, 1, 2
-    assert out["tp"][0] == 1.0 and math.isnan(out["tp"][1]) and math.isnan(out["orig_fp"][1])
+    assert out["tp"][0] == 2.0 and math.isnan(out["tp"][1]) and math.isnan(out["orig_fp"][1])

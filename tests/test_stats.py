@@ -76,9 +76,11 @@ def test_paired_bootstrap_flags_only_methods_within_noise_of_the_best():
         _rows("close", {"iou": list(base + 2.0 - rng.normal(0.0, 0.5, size=200))}),
         _rows("worse", {"iou": list(base + rng.normal(0, 0.5, size=200))}),
         _rows("ref", {"iou": list(base + 40.0)}),  # a reference row: never the best
+        _rows("ref2", {"iou": list(base + 2.0)}),  # a reference row equal to the best: never flagged either
     ])
-    table = statistics_table(rows, ["best", "close", "worse", "ref"], [mean_of("iou", "IoU", True)],
-                             {"ref": False}, 1000, 0).set_index("method")
+    table = statistics_table(rows, ["best", "close", "worse", "ref", "ref2"], [mean_of("iou", "IoU", True)],
+                             {"ref": False, "ref2": False}, 1000, 0).set_index("method")
+    assert not table.loc["ref2", "best"] and not table.loc["ref2", "not_different_from_best"]
     assert not table.loc["ref", "best"]
     assert table.loc["best", "best"] != table.loc["close", "best"]  # one of the two equals is the best ...
     other = "close" if table.loc["best", "best"] else "best"
