@@ -179,6 +179,19 @@ class _MethodRun:
             self.summary.setup = self.method.setup(self.s.method_context()) or {}
             self.is_setup = True
 
+    def _timed_explain(self, batch: Any, classes: torch.Tensor, rows: list[int],
+                       sub_batch: Any = None) -> tuple[torch.Tensor, float]:
+        """Masks of the batch rows ``rows`` and the seconds they took, the device synchronised on both ends."""
+        idx = torch.tensor(rows, device=self.s.device)
+        if self.method.uses_ground_truth and sub_batch is None:
+            sub_batch = batch.select(rows)
+        synchronize(self.s.device)
+        t0 = time.perf_counter()
+        out = self.method.explain(self.s.model, batch.images[idx], classes[idx],
+                                  batch=sub_batch if self.method.uses_ground_truth else None)
+        synchronize(self.s.device)
+        return out, time.perf_counter() - t0
+
     def _explain_missing(self, ids: list[str], batch: Any, classes: torch.Tensor, masks: torch.Tensor,
                          missing: list[int], ok: torch.Tensor) -> None:
         """Explain the images of ``missing`` (indices into the batch), cache their masks, mark failures."""
@@ -187,23 +200,13 @@ class _MethodRun:
         self._setup()
         sub = torch.tensor(missing, device=self.s.device)
         sub_batch = batch if len(missing) == len(ids) else batch.select(missing)
-        gt = self.method.uses_ground_truth
         try:
             if not self.warmed_up:  # one image, untimed and discarded: lazy initialisation is not compute time
-                first = sub[:1]
-                synchronize(self.s.device)
-                t0 = time.perf_counter()
-                self.method.explain(self.s.model, batch.images[first], classes[first],
-                                    batch=batch.select(missing[:1]) if gt else None)
-                synchronize(self.s.device)
-                self.timing["warmup_seconds"] = round(time.perf_counter() - t0, 4)
+                _, warmup = self._timed_explain(batch, classes, missing[:1])
+                self.timing["warmup_seconds"] = round(warmup, 4)
                 self.warmed_up = True
-            synchronize(self.s.device)
-            t0 = time.perf_counter()
-            out = self.method.explain(self.s.model, batch.images[sub], classes[sub], batch=sub_batch if gt else None)
+            out, elapsed = self._timed_explain(batch, classes, missing, sub_batch)
             nan = check_masks(out, batch.images[sub], classes[sub], self.name)
-            synchronize(self.s.device)
-            elapsed = time.perf_counter() - t0
         except Exception as exc:  # counted and reported, never scored
             self.summary.failed += len(missing)
             self.summary.errors.append(f"{[ids[j] for j in missing][:3]}: {type(exc).__name__}: {exc}")
@@ -398,7 +401,7 @@ def run(config: RunConfig) -> RunResult:
     }
     from .tables import diagnostics, load_current_rows
 
-    rows, metas = load_current_rows(run_dir)
-    manifest["counts"] = diagnostics(rows, metas).to_dict(orient="records") if not rows.empty else []
+    loaded = load_current_rows(run_dir)  # read once: the manifest's counts, then every table
+    manifest["counts"] = diagnostics(*loaded).to_dict(orient="records") if not loaded[0].empty else []
     write_json(run_dir / "manifest.json", manifest)
-    return RunResult(run_dir, summaries, manifest, write_tables(run_dir))
+    return RunResult(run_dir, summaries, manifest, write_tables(run_dir, loaded=loaded))

@@ -298,10 +298,14 @@ def _class_blocks(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return blocks
 
 
-def write_tables(run_dir: Path, *, resamples: int = RESAMPLES, seed: int = SEED, ci: bool = True) -> list[Path]:
-    """(Re)write every table of a run directory from its stored rows. Returns the files written."""
+def write_tables(run_dir: Path, *, resamples: int = RESAMPLES, seed: int = SEED, ci: bool = True,
+                 loaded: tuple[pd.DataFrame, dict[str, dict]] | None = None) -> list[Path]:
+    """(Re)write every table of a run directory from its stored rows. Returns the files written.
+
+    ``loaded``: the result of :func:`load_current_rows` for ``run_dir`` when the caller has already read it.
+    """
     run_dir = Path(run_dir)
-    rows, metas = load_current_rows(run_dir)
+    rows, metas = loaded if loaded is not None else load_current_rows(run_dir)
     if rows.empty:
         return []
     manifest = run_dir / "manifest.json"
@@ -326,8 +330,9 @@ def write_tables(run_dir: Path, *, resamples: int = RESAMPLES, seed: int = SEED,
     labels = {m: all_metas[m].get("label", m) for m in order}
     families = {m: all_metas[m].get("family", "") for m in order}
     computed: dict[str, pd.DataFrame] = {}
+    stored = sorted(set(all_rows["metric"]))
     for spec in table_specs():
-        needed = {c for s in spec.stats for c in s.select(sorted(set(all_rows["metric"])))}
+        needed = {c for s in spec.stats for c in s.select(stored)}
         if not needed:
             continue
         sub = all_rows[all_rows["metric"].isin(needed)]

@@ -79,7 +79,7 @@ RISE_SIGMA_224 = 5.0  # RISE evaluation: Gaussian klen = 11, sigma = 5 at 224 px
 RISE_TRUNCATE = 1.0  # radius = 5 px at 224 = 1 sigma
 PADDING = "constant"  # zero padding: the blurred border fades to the mean colour
 CHUNK_BYTES = 256 * 2**20  # temporaries per chunk of perturbed images / reveal maps
-_BYTES_PER_ROW_PIXEL = 3 * 4 * 2 + 4 + 2  # two (3, H, W) float32 images per row + one reveal map + comparisons
+_BYTES_PER_ROW_PIXEL = 3 * 4 * 2 + 8 + 1  # two (3, H, W) float32 images per row + the ranks read + a bool reveal
 _CACHE_ATTR = "_maskbench_faithfulness_cache"
 
 

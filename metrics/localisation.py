@@ -72,13 +72,14 @@ Per image the metric returns a dict (rows ``pointing/<key>``; the runner drops N
 
 The counts are NaN for an image without any true class among its explained ones. The class accuracy
 (hits / (hits + misses) per class, then the mean over classes, as TorchRay) is computed by the tables from the
-stored ``c<k>`` / ``d<k>`` cells; :func:`pointing_accuracy` is the same computation on plain lists.
+stored ``c<k>`` / ``d<k>`` cells (:func:`maskbench.benchmark.stats.class_mean`); classes without any scored
+image are left out (TorchRay keeps them at 0 in its 20 / 80-class mean, which only matters on subsets missing a
+class).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -334,17 +335,3 @@ def pointing_game(inputs: MetricInputs) -> dict[str, Tensor]:
     ):
         out[key] = torch.where(any_slot, flags.sum(1).float(), nan[:, 0])
     return out
-
-
-def pointing_accuracy(cells: Mapping[int, Sequence[float]]) -> float:
-    """Mean over classes of each class's hit rate, from per-image 1.0 / 0.0 cells (NaN = not scored).
-
-    ``cells`` maps a class to its per-image values; classes without any scored image are left out (TorchRay
-    keeps them at 0 accuracy in its 20 / 80-class mean, which only matters on subsets missing a class).
-    """
-    rates = []
-    for values in cells.values():
-        scored = [v for v in values if not math.isnan(v)]
-        if scored:
-            rates.append(sum(scored) / len(scored))
-    return math.nan if not rates else sum(rates) / len(rates)
