@@ -523,7 +523,7 @@ def run_perf(config: PerfConfig) -> dict[str, Path]:
 
 def _write(out_dir: Path, rows: list[dict[str, Any]], scaling: list[dict[str, Any]], config: PerfConfig,
            device: torch.device, data: dict[str, Any]) -> dict[str, Path]:
-    from .runner import git_revision
+    from .provenance import git_revision
 
     cols = ["method", "variant", "reference", "images", "classes_per_image", "ours_seconds", "ours_images_per_s",
             "ref_seconds", "ref_images_per_s", "speedup", "ours_peak_mb", "ref_peak_mb", "bare_seconds",

@@ -28,9 +28,12 @@ def _natural_key(name: str) -> list[Any]:
 class Registry(Generic[T]):
     """Name -> object mapping for one kind of component."""
 
-    def __init__(self, kind: str, entry_point_group: str | None = None):
+    def __init__(self, kind: str, entry_point_group: str | None = None,
+                 adopt: Callable[[str, Any], T] | None = None):
         self.kind = kind
         self.entry_point_group = entry_point_group
+        # adopt(entry-point name, loaded object) -> the object to register (validates it, names it)
+        self.adopt = adopt
         self._items: dict[str, T] = {}
         self._meta: dict[str, dict[str, Any]] = {}
         self._origin: dict[str, str] = {}
@@ -72,8 +75,15 @@ class Registry(Generic[T]):
                     f"Plugin entry point '{ep.name} = {ep.value}' in group '{self.entry_point_group}' "
                     f"failed to load: {exc}"
                 ) from exc
+            if self.adopt is not None:
+                obj = self.adopt(ep.name, obj)
             if ep.name not in self._items:
                 self.register(ep.name, obj)
+            elif self._items[ep.name] is not obj:
+                raise MaskbenchError(
+                    f"Plugin entry point '{ep.name} = {ep.value}' in group '{self.entry_point_group}': a "
+                    f"{self.kind} named '{ep.name}' is already registered (from {self._origin[ep.name]})."
+                )
 
     def get(self, name: str) -> T:
         self.load_entry_points()

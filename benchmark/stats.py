@@ -165,17 +165,26 @@ def same_as_best(best: np.ndarray, other: np.ndarray, level: float = LEVEL) -> b
 
 
 def statistics_table(rows: pd.DataFrame, methods: list[str], stats: list[Statistic], eligible: dict[str, bool],
-                     resamples: int = RESAMPLES, seed: int = SEED) -> pd.DataFrame:
+                     resamples: int = RESAMPLES, seed: int = SEED, *, image_ids: list[str] | None = None,
+                     scored: dict[str, set[str]] | None = None) -> pd.DataFrame:
     """Long table: one row per (statistic, method) with value, 95% CI, image counts, best and tie flags.
 
     ``rows`` holds every method's per-image rows (columns method, image_id, metric, value); ``eligible`` tells
     which methods compete for best and for "not different from the best" (reference rows do not). The images are
-    the union over ``methods``; all
-    methods share the same bootstrap draws.
+    ``image_ids`` (the run's; default: the union over ``methods``), so the bootstrap draws, shared by all
+    methods, do not depend on which other methods are in the folder. ``scored[m]``: the images method ``m`` was
+    scored on; the others are counted as ``missing``, apart from ``undefined`` (scored, but no defined value).
     """
-    image_ids = sorted(set(rows.loc[rows["method"].isin(methods), "image_id"]))
+    if image_ids is None:
+        image_ids = sorted(set(rows.loc[rows["method"].isin(methods), "image_id"]))
+    else:
+        image_ids = sorted(image_ids)
     weights = bootstrap_weights(len(image_ids), resamples, seed)
     per_method = {m: wide_values(rows[rows["method"] == m], image_ids) for m in methods}
+    missing = {}
+    for m in methods:
+        present = scored[m] if scored is not None and m in scored else set(rows.loc[rows["method"] == m, "image_id"])
+        missing[m] = sum(1 for i in image_ids if i not in present)
     records = []
     for stat in stats:
         ests: dict[str, Estimate] = {}
@@ -194,8 +203,8 @@ def statistics_table(rows: pd.DataFrame, methods: list[str], stats: list[Statist
                     and same_as_best(ests[names[b]].samples, e.samples))
             records.append({"statistic": stat.name, "label": stat.label, "higher_is_better": stat.higher_is_better,
                             "method": m, "value": e.value, "ci_low": e.ci_low, "ci_high": e.ci_high,
-                            "images": e.images, "undefined": e.undefined, "best": is_best,
-                            "not_different_from_best": tied})
+                            "images": e.images, "undefined": e.undefined - missing[m], "missing": missing[m],
+                            "best": is_best, "not_different_from_best": tied})
     return pd.DataFrame.from_records(records, columns=["statistic", "label", "higher_is_better", "method", "value",
-                                                       "ci_low", "ci_high", "images", "undefined", "best",
+                                                       "ci_low", "ci_high", "images", "undefined", "missing", "best",
                                                        "not_different_from_best"])

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import io
 import math
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from .errors import MaskbenchError
 from .storage import atomic_write, read_json, write_json
 
 ROW_COLUMNS = ["image_id", "metric", "value", "run_key"]
@@ -36,16 +40,32 @@ class MaskCache:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+        self.damaged: list[str] = []  # damaged files found (and removed) by get()
 
     def path(self, image_id: str) -> Path:
         return self.root / f"{_safe(image_id)}.npz"
 
     def get(self, image_id: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The cached classes and masks of an image; None when absent. A damaged file (unreadable, wrong
+        arrays, values outside [0, 1]) is reported through :attr:`damaged`, removed and read as absent, so it
+        costs one recomputation."""
         p = self.path(image_id)
         if not p.is_file():
             return None
-        with np.load(p) as z:
-            return z["classes"], z["masks"]
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                classes, masks = z["classes"], z["masks"]
+            ok = (classes.ndim == 1 and masks.ndim == 3 and len(classes) == len(masks)
+                  and np.issubdtype(classes.dtype, np.integer) and np.issubdtype(masks.dtype, np.floating)
+                  and bool(np.isfinite(masks).all()) and float(masks.min(initial=0)) >= 0
+                  and float(masks.max(initial=0)) <= 1)
+            if not ok:
+                raise ValueError("unexpected arrays or values outside [0, 1]")
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            self.damaged.append(f"{p}: {type(exc).__name__}: {exc}")
+            p.unlink(missing_ok=True)
+            return None
+        return classes, masks
 
     @property
     def timing_path(self) -> Path:
@@ -53,8 +73,18 @@ class MaskCache:
 
     def load_timing(self) -> dict[str, Any]:
         """How long producing the cached masks took: ``explain_seconds`` over ``images`` (accumulated over
-        sessions), ``warmup_seconds`` (excluded) and ``device``; empty when the masks were never timed."""
-        return read_json(self.timing_path) if self.timing_path.is_file() else {}
+        sessions), ``warmup_seconds`` (excluded) and ``device``; empty when the masks were never timed (or the
+        file is damaged, which is reported through :attr:`damaged`)."""
+        if not self.timing_path.is_file():
+            return {}
+        try:
+            timing = read_json(self.timing_path)
+            if not isinstance(timing, dict):
+                raise ValueError("not a JSON object")
+            return timing
+        except (OSError, ValueError) as exc:
+            self.damaged.append(f"{self.timing_path}: {exc} (the compute time restarts from the masks made now)")
+            return {}
 
     def save_timing(self, timing: dict[str, Any]) -> None:
         write_json(self.timing_path, timing)
@@ -65,11 +95,79 @@ class MaskCache:
         atomic_write(self.path(image_id), buf.getvalue())
 
 
-class RowStore:
-    """Per-image metric rows and method sidecars under ``<results>/<dataset>/<model>/per_image``."""
+COMPLETE = "_complete"  # per-image marker row; its value is the number of other rows the image has
 
-    def __init__(self, run_dir: Path):
+
+class StoredDataError(MaskbenchError):
+    """A stored file (rows, sidecar, cached mask) is damaged or was edited: the message names it."""
+
+
+@dataclass
+class RowCheck:
+    """What validating a method's stored rows found: the good rows, and the problems with file and line."""
+
+    rows: pd.DataFrame
+    problems: list[str] = field(default_factory=list)
+    damaged_images: set[str] = field(default_factory=set)
+
+
+def _base_metric(name: str) -> str:
+    return name.split("/", 1)[0]
+
+
+def validate_rows(df: pd.DataFrame, path: Path, valid_range: Callable[[str], tuple[float, float]] | None = None
+                  ) -> RowCheck:
+    """Check stored rows: numeric values, the metric's valid range, no duplicate (image, metric) pair, and each
+    image's marker row counting its other rows (a deleted or added row breaks the count). Problems name the
+    file and its line (the header is line 1). The returned rows are those of the images without a problem."""
+    problems: list[str] = []
+    bad: set[str] = set()
+    line = df.index.to_numpy() + 2
+
+    def flag(mask: np.ndarray, why: str) -> None:
+        for i in np.flatnonzero(mask)[:20]:
+            problems.append(f"{path}:{line[i]}: {why} ({df['image_id'].iloc[i]}, {df['metric'].iloc[i]}, "
+                            f"{df['value_raw'].iloc[i]!r})")
+        bad.update(df.loc[mask, "image_id"].astype(str))
+
+    raw = df["value"]
+    num = pd.to_numeric(raw, errors="coerce")
+    df = df.assign(value_raw=raw, value=num.astype(float))
+    text = num.isna().to_numpy() & raw.notna().to_numpy() & (raw.astype(str).str.strip().str.lower() != "nan")
+    flag(text, "not a number")
+    flag(df["image_id"].isna().to_numpy() | df["metric"].isna().to_numpy() | df["run_key"].isna().to_numpy(),
+         "missing field")
+    flag(np.isinf(df["value"].to_numpy()), "infinite value")
+    if valid_range is not None:
+        v = df["value"].to_numpy()
+        lo = np.array([valid_range(m)[0] for m in df["metric"].astype(str)])
+        hi = np.array([valid_range(m)[1] for m in df["metric"].astype(str)])
+        tol = 1e-4 * np.maximum(1.0, np.abs(np.where(np.isfinite(hi), hi, 0.0)))
+        flag(~np.isnan(v) & ((v < lo - tol) | (v > hi + tol)), "outside the metric's valid range")
+    dup = df.duplicated(["run_key", "image_id", "metric"], keep=False).to_numpy()
+    flag(dup, "duplicate row")
+    marker = df["metric"] == COMPLETE
+    counts = df[~marker].groupby(["run_key", "image_id"]).size()
+    for i in np.flatnonzero(marker.to_numpy()):
+        key = (df["run_key"].iloc[i], df["image_id"].iloc[i])
+        expected = df["value"].iloc[i]
+        if not (expected == expected) or int(counts.get(key, 0)) != int(expected):
+            problems.append(f"{path}:{line[i]}: image {key[1]} has {int(counts.get(key, 0))} rows, its marker "
+                            f"says {df['value_raw'].iloc[i]} (rows deleted or added)")
+            bad.add(str(key[1]))
+    good = df[~df["image_id"].astype(str).isin(bad)].drop(columns="value_raw")
+    return RowCheck(good.reset_index(drop=True), problems, bad)
+
+
+class RowStore:
+    """Per-image metric rows and method sidecars under ``<results>/<dataset>/<run>/per_image``.
+
+    ``valid_range(metric)`` (from the metric registry) bounds stored values; rows are validated on load.
+    """
+
+    def __init__(self, run_dir: Path, valid_range: Callable[[str], tuple[float, float]] | None = None):
         self.dir = Path(run_dir) / "per_image"
+        self.valid_range = valid_range
 
     def csv_path(self, method: str) -> Path:
         return self.dir / f"{_safe(method)}.csv"
@@ -77,12 +175,31 @@ class RowStore:
     def meta_path(self, method: str) -> Path:
         return self.dir / f"{_safe(method)}.json"
 
-    def load(self, method: str, run_key: str | None = None) -> pd.DataFrame:
-        """Rows of a method; with ``run_key``, only the rows computed under that key."""
+    def check(self, method: str) -> RowCheck:
+        """The method's stored rows, validated (see :func:`validate_rows`); an unreadable file is one problem."""
         p = self.csv_path(method)
         if not p.is_file():
-            return pd.DataFrame(columns=ROW_COLUMNS)
-        df = pd.read_csv(p, dtype={"image_id": str, "metric": str, "run_key": str})
+            return RowCheck(pd.DataFrame(columns=ROW_COLUMNS))
+        try:
+            df = pd.read_csv(p, dtype=str, keep_default_na=False, na_values=[""])
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+            return RowCheck(pd.DataFrame(columns=ROW_COLUMNS), [f"{p}: unreadable ({type(exc).__name__}: {exc})"])
+        if list(df.columns) != ROW_COLUMNS:
+            return RowCheck(pd.DataFrame(columns=ROW_COLUMNS),
+                            [f"{p}:1: columns {list(df.columns)}, expected {ROW_COLUMNS}"])
+        return validate_rows(df, p, self.valid_range)
+
+    def load(self, method: str, run_key: str | None = None, *, strict: bool = True) -> pd.DataFrame:
+        """Rows of a method (with ``run_key``: only those computed under that key), validated. ``strict``:
+        a damaged file is an error naming it; otherwise its damaged images are left out (to be recomputed)."""
+        found = self.check(method)
+        if found.problems and strict:
+            raise StoredDataError(
+                f"Damaged stored rows of method '{method}': {'; '.join(found.problems[:3])}"
+                f"{f' (and {len(found.problems) - 3} more)' if len(found.problems) > 3 else ''}. Run `maskbench "
+                f"bench` with the run's options to recompute them (or delete {self.csv_path(method)})."
+            )
+        df = found.rows
         if run_key is not None:
             df = df[df["run_key"] == run_key]
         return df.reset_index(drop=True)
@@ -91,15 +208,38 @@ class RowStore:
         rows = rows[ROW_COLUMNS].sort_values(["image_id", "metric"], kind="stable")
         atomic_write(self.csv_path(method), rows.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
 
-    def load_meta(self, method: str) -> dict[str, Any]:
+    def load_meta(self, method: str, *, strict: bool = True) -> dict[str, Any]:
+        """A method's sidecar; ``strict``: a damaged one is an error naming it, otherwise it reads as empty."""
         p = self.meta_path(method)
-        return read_json(p) if p.is_file() else {}
+        if not p.is_file():
+            return {}
+        try:
+            meta = read_json(p)
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+            return meta
+        except (OSError, ValueError) as exc:
+            if strict:
+                raise StoredDataError(f"Damaged sidecar {p}: {exc}. Run `maskbench bench` with the run's options "
+                                      f"to rewrite it (or delete it).") from None
+            return {}
 
     def save_meta(self, method: str, meta: dict[str, Any]) -> None:
         write_json(self.meta_path(method), meta)
 
     def methods(self) -> list[str]:
-        return sorted(p.stem for p in self.dir.glob("*.json"))
+        """File stems of the stored methods (a rows file or a sidecar is enough)."""
+        return sorted({p.stem for p in self.dir.glob("*.json")} | {p.stem for p in self.dir.glob("*.csv")})
+
+
+def with_markers(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` (without marker rows) plus one ``_complete`` row per (run key, image) whose value is the number of
+    the image's other rows: the image was scored, and a deleted or added row can be detected."""
+    rows = rows[rows["metric"] != COMPLETE]
+    counts = rows.groupby(["run_key", "image_id"], sort=False).size()
+    marker = pd.DataFrame.from_records(
+        [(iid, COMPLETE, float(n), key) for (key, iid), n in counts.items()], columns=ROW_COLUMNS)
+    return pd.concat([rows, marker], ignore_index=True)
 
 
 def rows_from_values(image_ids: list[str], values: dict[str, list[float]], run_key: str) -> pd.DataFrame:

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .latex import escape, matrix_latex, plain_latex, statistics_latex
+from .runs import read_identity, read_image_ids
 from .stats import (
     LEVEL,
     RESAMPLES,
@@ -46,7 +47,7 @@ from .stats import (
     statistics_table,
 )
 from .storage import atomic_write, read_json
-from .store import RowStore
+from .store import RowStore, StoredDataError
 
 FAMILY_ORDER = ["classifier", "reference", "gradient", "perturbation", "learned", "plugin", ""]
 REFERENCE_ORDER = ["constant-0", "constant-0.5", "constant-1", "ground-truth", "centre-gaussian", "random-uniform"]
@@ -64,20 +65,55 @@ def _method_order(metas: dict[str, dict]) -> list[str]:
     return sorted(metas, key=key)
 
 
-def load_current_rows(run_dir: Path) -> tuple[pd.DataFrame, dict[str, dict]]:
-    """All methods' rows computed under each method's current run key, and the method sidecars."""
-    store = RowStore(run_dir)
-    metas, frames = {}, []
+@dataclass
+class StoredRun:
+    """What a run folder holds for its tables: the rows of its methods, their sidecars, the images the run
+    promises (``run.json``; None for a folder without one) and the methods left out, with why."""
+
+    rows: pd.DataFrame
+    metas: dict[str, dict]
+    image_ids: list[str] | None = None
+    excluded: dict[str, str] = field(default_factory=dict)
+
+
+def load_current_rows(run_dir: Path) -> StoredRun:
+    """All methods' rows computed under each method's current run key, and the method sidecars.
+
+    Everything is validated (:meth:`RowStore.load`): a damaged or edited file is an error naming it and its
+    line. A method whose sidecar names another classifier or other data than the folder's ``run.json`` belongs
+    to another run and is left out (listed in ``excluded``), so a table never mixes runs; so are rows of images
+    the run does not promise.
+    """
+    from maskbench.benchmark.runner import metric_range
+
+    run_dir = Path(run_dir)
+    store = RowStore(run_dir, metric_range)
+    identity = read_identity(run_dir)
+    image_ids = read_image_ids(run_dir)
+    metas, frames, excluded = {}, [], {}
     for stem in store.methods():
         meta = store.load_meta(stem)
+        if not meta:
+            raise StoredDataError(f"{store.meta_path(stem)} is missing: the rows of {store.csv_path(stem)} cannot "
+                                  f"be tabled without it. Run `maskbench bench` with the run's options to rewrite it.")
+        if not store.csv_path(stem).is_file():
+            raise StoredDataError(f"{store.csv_path(stem)} is missing (its sidecar {store.meta_path(stem)} is there). "
+                                  f"Run `maskbench bench` with the run's options to recompute it.")
+        m = meta.get("method", stem)  # the stored name; the file stem is a file-safe version of it
+        if identity is not None:
+            other = [k for k in ("classifier_sha256", "data_key") if meta.get(k) != identity.get(k)]
+            if other:
+                excluded[m] = f"computed with another {' and '.join(k.split('_')[0] for k in other)} than this run"
+                continue
         rows = store.load(stem, run_key=meta.get("run_key"))
+        if image_ids is not None:
+            rows = rows[rows["image_id"].isin(set(image_ids))]
         if rows.empty:
             continue
-        m = meta.get("method", stem)  # the registered name; the file stem is a file-safe version of it
         metas[m] = meta
         frames.append(rows.assign(method=m))
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["method", "image_id", "metric"])
-    return rows, metas
+    return StoredRun(rows, metas, image_ids, excluded)
 
 
 # --------------------------------------------------------------------------------------------- statistics
@@ -258,7 +294,8 @@ def compute_time(metas: dict[str, dict]) -> pd.DataFrame:
 
 
 def class_table(rows: pd.DataFrame, metas: dict[str, dict], class_names: list[str] | None,
-                resamples: int = RESAMPLES, seed: int = SEED) -> pd.DataFrame:
+                resamples: int = RESAMPLES, seed: int = SEED, image_ids: list[str] | None = None,
+                scored: dict[str, set[str]] | None = None) -> pd.DataFrame:
     """Long table of NeurIPS 2022 Table 1: mean softmax probability (%) of target t under the mask of class m."""
     sub = rows[rows["metric"].str.startswith("classmask/")]
     cols = ["method", "label", "target", "mask", "value", "ci_low", "ci_high", "images"]
@@ -273,7 +310,7 @@ def class_table(rows: pd.DataFrame, metas: dict[str, dict], class_names: list[st
         _, t, m = metric.split("/")
         stats.append(mean_of(metric, f"{t}/{m}", True))
     long = statistics_table(sub, [m for m in _method_order(metas) if m in set(sub["method"])], stats, {},
-                            resamples, seed)
+                            resamples, seed, image_ids=image_ids, scored=scored)
     parts = long["statistic"].str.split("/", expand=True)
     out = pd.DataFrame({
         "method": long["method"], "label": [metas[m].get("label", m) for m in long["method"]],
@@ -299,13 +336,14 @@ def _class_blocks(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 
 def write_tables(run_dir: Path, *, resamples: int = RESAMPLES, seed: int = SEED, ci: bool = True,
-                 loaded: tuple[pd.DataFrame, dict[str, dict]] | None = None) -> list[Path]:
+                 loaded: StoredRun | None = None) -> list[Path]:
     """(Re)write every table of a run directory from its stored rows. Returns the files written.
 
     ``loaded``: the result of :func:`load_current_rows` for ``run_dir`` when the caller has already read it.
     """
     run_dir = Path(run_dir)
-    rows, metas = loaded if loaded is not None else load_current_rows(run_dir)
+    stored = loaded if loaded is not None else load_current_rows(run_dir)
+    rows, metas = stored.rows, stored.metas
     if rows.empty:
         return []
     manifest = run_dir / "manifest.json"
@@ -315,13 +353,16 @@ def write_tables(run_dir: Path, *, resamples: int = RESAMPLES, seed: int = SEED,
     dataset, model = run_dir.parent.name, run_dir.name
     presets = sorted({meta.get("preset", "") for meta in metas.values()
                       if meta.get("family") != "reference" and meta.get("preset")})
-    n_images = rows.loc[rows["metric"] == "_complete", "image_id"].nunique()
+    n_images = (len(stored.image_ids) if stored.image_ids is not None
+                else rows.loc[rows["metric"] == "_complete", "image_id"].nunique())
     where = (f"{escape(dataset)}, {escape(model)}, {n_images} images, preset {', '.join(presets) or '-'}")
     ci_note = (rf"$\pm$: half-width of the {int(LEVEL * 100)}\% bootstrap interval over images ({resamples} "
                rf"resamples, seed {seed}); " if ci else "")
     mark_note = (r"bold: best method; underlined: not significantly different from the best (paired bootstrap). "
                  r"Rows above the first rule are references.")
     diag = diagnostics(rows, metas)
+    run_images = stored.image_ids if stored.image_ids is not None else sorted(set(rows["image_id"]))
+    scored = {m: set(g) for m, g in rows.loc[rows["metric"] == "_complete"].groupby("method")["image_id"]}
     written: list[Path] = [atomic_write(run_dir / "diagnostics.csv", _csv(diag))]
 
     all_rows, all_metas = _with_unmasked(rows, metas)
@@ -337,7 +378,8 @@ def write_tables(run_dir: Path, *, resamples: int = RESAMPLES, seed: int = SEED,
             continue
         sub = all_rows[all_rows["metric"].isin(needed)]
         methods = [m for m in order if m in set(sub["method"])]
-        table = statistics_table(sub, methods, spec.stats, eligible, resamples, seed)
+        table = statistics_table(sub, methods, spec.stats, eligible, resamples, seed, image_ids=run_images,
+                                 scored=scored)
         computed[spec.name] = table
         extra = {h: {r.method: str(getattr(r, col)) for r in diag.itertuples()} for h, col in spec.extra.items()}
         caption = f"{spec.caption}{_pointing_tolerance(data_info) if spec.name == 'pointing' else ''} Run: " \
@@ -349,7 +391,7 @@ def write_tables(run_dir: Path, *, resamples: int = RESAMPLES, seed: int = SEED,
     if "pointing" in computed:
         written.append(atomic_write(run_dir / "pointing_per_class.csv", _csv(_pointing_per_class(rows, metas,
                                                                                                    class_names))))
-    classes = class_table(rows, metas, class_names, resamples, seed)
+    classes = class_table(rows, metas, class_names, resamples, seed, image_ids=run_images, scored=scored)
     if not classes.empty:
         written.append(atomic_write(run_dir / "class_table.csv", _csv(classes)))
         cap = (rf"Class-specific masking ({where}), after Stalder et al.\ (2022), Table 1: mean softmax probability "

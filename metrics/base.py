@@ -9,6 +9,7 @@ get their arrows and bold-best cells from the registry.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,17 +40,23 @@ class MetricSpec:
     label: str
     version: str = "1"
     description: str = ""
+    valid_range: tuple[float, float] = (-math.inf, math.inf)  # every stored value of the metric lies in it
 
 
 METRICS: Registry = Registry("metric")
 
 
 def register_metric(
-    name: str, *, higher_is_better: bool, table: str, label: str | None = None, version: str = "1"
+    name: str, *, higher_is_better: bool, table: str, label: str | None = None, version: str = "1",
+    valid_range: tuple[float, float] = (-math.inf, math.inf),
 ) -> Callable[[Callable[[MetricInputs], Tensor]], Callable[[MetricInputs], Tensor]]:
+    """Register a metric. ``valid_range`` bounds every value it can store (also the cells of a dict metric):
+    stored rows outside it are damaged, and are recomputed by ``bench`` and refused by ``tables``."""
+
     def wrapper(fn: Callable[[MetricInputs], Tensor]) -> Callable[[MetricInputs], Tensor]:
         doc = (fn.__doc__ or "").strip().splitlines()
-        spec = MetricSpec(name, fn, higher_is_better, table, label or name, version, doc[0] if doc else "")
+        spec = MetricSpec(name, fn, higher_is_better, table, label or name, version, doc[0] if doc else "",
+                          (float(valid_range[0]), float(valid_range[1])))
         METRICS.register(name, spec)
         return fn
 

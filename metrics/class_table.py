@@ -21,7 +21,8 @@ from .base import MetricInputs, forward_in_chunks, register_metric
 THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 
 
-@register_metric("classmask", higher_is_better=True, table="class_table", label="Class masking")
+@register_metric("classmask", higher_is_better=True, table="class_table", label="Class masking",
+                 valid_range=(0.0, 100.0))
 @torch.no_grad()
 def class_masking(inputs: MetricInputs) -> dict[str, Tensor]:
     """Softmax probability (%) of each true class under each class's thresholded mask (NeurIPS 2022 Table 1)."""

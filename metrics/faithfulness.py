@@ -300,25 +300,29 @@ def faithfulness_scores(inputs: MetricInputs) -> FaithfulnessResult:
 # registered metrics
 
 
-@register_metric("mf", higher_is_better=True, table="faithfulness", label="M_F (eq. 8)", version="2")
+@register_metric("mf", higher_is_better=True, table="faithfulness", label="M_F (eq. 8)", version="2",
+                 valid_range=(0.0, math.inf))
 def faithfulness_mf(inputs: MetricInputs) -> Tensor:
     """DGMP eq. 8 as written: 100 * sum_k q_k / (q_O - q_F) / 32 over blur-to-image reveal (mean over true classes)."""
     return faithfulness_scores(inputs).per_image["mf"]
 
 
-@register_metric("mf_clipped", higher_is_better=True, table="faithfulness", label="M_F clipped", version="2")
+@register_metric("mf_clipped", higher_is_better=True, table="faithfulness", label="M_F clipped", version="2",
+                 valid_range=(0.0, 100.0))
 def faithfulness_mf_clipped(inputs: MetricInputs) -> Tensor:
     """Clipped M_F in [0, 100]: 100 * sum_k clamp((q_k - q_F) / (q_O - q_F), 0, 1) / 32 (mean over true classes)."""
     return faithfulness_scores(inputs).per_image["mf_clipped"]
 
 
-@register_metric("insertion", higher_is_better=True, table="faithfulness", label="Insertion", version="2")
+@register_metric("insertion", higher_is_better=True, table="faithfulness", label="Insertion", version="2",
+                 valid_range=(0.0, 100.0))
 def insertion(inputs: MetricInputs) -> Tensor:
     """RISE insertion AUC (%), blurred image -> image, W pixels per step (mean over true classes)."""
     return faithfulness_scores(inputs).per_image["insertion"]
 
 
-@register_metric("deletion", higher_is_better=False, table="faithfulness", label="Deletion", version="2")
+@register_metric("deletion", higher_is_better=False, table="faithfulness", label="Deletion", version="2",
+                 valid_range=(0.0, 100.0))
 def deletion(inputs: MetricInputs) -> Tensor:
     """RISE deletion AUC (%), image -> zeros (mean colour), W pixels per step (mean over true classes)."""
     return faithfulness_scores(inputs).per_image["deletion"]

@@ -211,7 +211,8 @@ def _per_image_mean(values: Tensor, valid: Tensor) -> Tensor:
     return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))
 
 
-@register_metric("mi", higher_is_better=True, table="explainability", label="M_I", version="1")
+@register_metric("mi", higher_is_better=True, table="explainability", label="M_I", version="1",
+                 valid_range=(0.0, 100.0))
 @torch.no_grad()
 def m_i(inputs: MetricInputs) -> Tensor:
     """M_I (DGMP eq. 9): average precision (%) of the map's pixel ranking against the class's boxes."""
@@ -289,7 +290,8 @@ def pointing_hits(masks: Tensor, gt: Tensor, tolerance: float) -> tuple[Tensor, 
     return torch.where(constant, torch.zeros_like(hit), hit), constant, tied
 
 
-@register_metric("pointing", higher_is_better=True, table="pointing", label="Pointing", version="2")
+@register_metric("pointing", higher_is_better=True, table="pointing", label="Pointing", version="2",
+                 valid_range=(0.0, math.inf))
 @torch.no_grad()
 def pointing_game(inputs: MetricInputs) -> dict[str, Tensor]:
     """Pointing game (EBP / TorchRay): per true class 1 hit / 0 miss, all and difficult subset, plus counts."""

@@ -14,6 +14,8 @@ over images). Images without any true class among the explained ones are undefin
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -33,7 +35,7 @@ def _counts(logits: Tensor, labels: Tensor, threshold: float) -> tuple[Tensor, T
 
 
 @register_metric("maskcls", higher_is_better=True, table="masked_classifier", label="Masked classifier",
-                 version="2")
+                 version="2", valid_range=(0.0, math.inf))
 @torch.no_grad()
 def masked_classifier_counts(inputs: MetricInputs) -> dict[str, Tensor]:
     """Per-image TP/FP/FN of the classifier on the original and on the merged-mask image (NeurIPS 2022 Table 4)."""

@@ -43,7 +43,7 @@ def _where_ok(values: Tensor, ok: Tensor) -> Tensor:
     return torch.where(ok, values, torch.full_like(values, _NAN))
 
 
-@register_metric("acc", higher_is_better=True, table="segmentation", label="Acc")
+@register_metric("acc", higher_is_better=True, table="segmentation", label="Acc", valid_range=(0.0, 100.0))
 def accuracy(inputs: MetricInputs) -> Tensor:
     """Pixel accuracy of the continuous merged mask against the ground truth, in %."""
     m, g, valid, ok = _merged(inputs)
@@ -51,7 +51,7 @@ def accuracy(inputs: MetricInputs) -> Tensor:
     return _where_ok(100 * agree.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1), ok)
 
 
-@register_metric("iou", higher_is_better=True, table="segmentation", label="IoU")
+@register_metric("iou", higher_is_better=True, table="segmentation", label="IoU", valid_range=(0.0, 100.0))
 def soft_iou(inputs: MetricInputs) -> Tensor:
     """Soft IoU: sum of min over sum of max of mask and ground truth, in %."""
     m, g, valid, ok = _merged(inputs)
@@ -60,7 +60,7 @@ def soft_iou(inputs: MetricInputs) -> Tensor:
     return _where_ok(100 * inter / union.clamp_min(1e-12), ok & (union > 0))
 
 
-@register_metric("mae", higher_is_better=False, table="segmentation", label="MAE")
+@register_metric("mae", higher_is_better=False, table="segmentation", label="MAE", valid_range=(0.0, 100.0))
 def mean_absolute_error(inputs: MetricInputs) -> Tensor:
     """Mean absolute error between merged mask and ground truth, in %."""
     m, g, valid, ok = _merged(inputs)
@@ -68,7 +68,8 @@ def mean_absolute_error(inputs: MetricInputs) -> Tensor:
     return _where_ok(100 * err / valid.flatten(1).sum(1).clamp_min(1), ok)
 
 
-@register_metric("sal", higher_is_better=False, table="segmentation", label="Sal")
+@register_metric("sal", higher_is_better=False, table="segmentation", label="Sal",
+                 valid_range=(math.log(0.05), math.inf))
 @torch.no_grad()
 def saliency(inputs: MetricInputs) -> Tensor:
     """Dabkowski-Gal saliency score as adapted by eq. 9 of Stalder et al. (lower is better)."""

@@ -65,7 +65,8 @@ def test_end_to_end_tables_sanity_rows_and_resume(data_root, cache_dir, tmp_path
     res = tmp_path / "results"
     first = run(config(data_root, cache_dir, res, methods=METHODS, limit=10))
     assert all(s.computed == 10 and s.failed == 0 for s in first.summaries)
-    run_dir = res / "synthetic" / "smallcnn"
+    run_dir = res / "synthetic" / "smallcnn-limit10"  # a partial run has its own folder
+    assert first.run_dir == run_dir and not (res / "synthetic" / "smallcnn").exists()
     long = pd.read_csv(run_dir / "segmentation.csv")
     assert list(dict.fromkeys(long["method"])) == METHODS  # reference rows first, in Table 2 order
     table = long.pivot(index="method", columns="label", values="value")
@@ -96,17 +97,25 @@ def test_end_to_end_tables_sanity_rows_and_resume(data_root, cache_dir, tmp_path
     again = run(config(data_root, cache_dir, res, methods=METHODS, limit=10))
     assert all(s.skipped == 10 and s.computed == 0 and s.from_cache == 0 for s in again.summaries)
 
-    # a longer run computes only the new images; lost rows are re-scored from the mask cache, to the same values
+    # lost rows are re-scored from the mask cache, to the same values
     fresh = pd.read_csv(run_dir / "per_image" / "gradcam.csv")
     (run_dir / "per_image" / "gradcam.csv").unlink()
-    more = {s.method: s for s in run(config(data_root, cache_dir, res, methods=METHODS)).summaries}
-    assert more["rise"].skipped == 10 and more["rise"].computed == 6
+    lost = {s.method: s for s in run(config(data_root, cache_dir, res, methods=METHODS, limit=10)).summaries}
+    assert lost["gradcam"].from_cache == 10 and lost["gradcam"].computed == 0 and lost["rise"].skipped == 10
+    pd.testing.assert_frame_equal(fresh, pd.read_csv(run_dir / "per_image" / "gradcam.csv"))
+
+    # the full run writes its own folder; it reuses the cached masks and computes only the new images
+    partial = {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    more = run(config(data_root, cache_dir, res, methods=METHODS))
+    assert more.run_dir == res / "synthetic" / "smallcnn"
+    more = {s.method: s for s in more.summaries}
+    assert more["rise"].from_cache == 10 and more["rise"].computed == 6
     assert more["gradcam"].from_cache == 10 and more["gradcam"].computed == 6
-    rescored = pd.read_csv(run_dir / "per_image" / "gradcam.csv")
-    rescored = rescored[rescored["image_id"].isin(set(fresh["image_id"]))]
-    pd.testing.assert_frame_equal(fresh.reset_index(drop=True), rescored.reset_index(drop=True))
+    assert {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == partial  # partial run untouched
+    full = pd.read_csv(res / "synthetic" / "smallcnn" / "per_image" / "gradcam.csv")
+    pd.testing.assert_frame_equal(fresh, full[full["image_id"].isin(set(fresh["image_id"]))].reset_index(drop=True))
     # compute time belongs to the cached masks: re-scored images keep theirs, new ones add to it
-    meta = json.loads((run_dir / "per_image" / "gradcam.json").read_text())
+    meta = json.loads((res / "synthetic" / "smallcnn" / "per_image" / "gradcam.json").read_text())
     assert meta["timing"]["images"] == 16
 
     # tables are a pure function of the stored rows: rebuilt byte for byte
@@ -116,9 +125,9 @@ def test_end_to_end_tables_sanity_rows_and_resume(data_root, cache_dir, tmp_path
     write_all_tables(res)
     assert {p.name: p.read_bytes() for p in run_dir.glob("segmentation.*")} == before
 
-    # a different method configuration is a different cache key: recomputed, old rows not mixed in
+    # a different method configuration is a different cache key: recomputed, in a folder of its own
     changed = run(config(data_root, cache_dir, res, methods=["rise"], limit=4, seed=0, preset="paper"))
-    assert changed.summaries[0].computed == 4
+    assert changed.summaries[0].computed == 4 and changed.run_dir.name == "smallcnn-limit4-paper"
 
 
 def test_failures_are_counted_never_scored(data_root, cache_dir, tmp_path):
@@ -128,10 +137,10 @@ def test_failures_are_counted_never_scored(data_root, cache_dir, tmp_path):
     nan, raises = out.summaries
     assert nan.nan_maps == 2 and nan.failed == 2 and nan.computed == 6
     assert raises.failed == 8 and "boom" in raises.errors[0]
-    rows = pd.read_csv(res / "synthetic" / "smallcnn" / "per_image" / "test-nan-on-first.csv")
+    rows = pd.read_csv(out.run_dir / "per_image" / "test-nan-on-first.csv")
     assert rows["image_id"].nunique() == 6
-    assert not (res / "synthetic" / "smallcnn" / "per_image" / "test-raises.csv").exists() or pd.read_csv(
-        res / "synthetic" / "smallcnn" / "per_image" / "test-raises.csv").empty
+    assert not (out.run_dir / "per_image" / "test-raises.csv").exists() or pd.read_csv(
+        out.run_dir / "per_image" / "test-raises.csv").empty
 
 
 def test_cli_errors_name_the_culprit(data_root, cache_dir, tmp_path, capsys):
@@ -154,7 +163,7 @@ def test_plugin_example_runs_through_the_cli(data_root, cache_dir, tmp_path):
             "input-x-gradient,gradcam", "--limit", "4", "--data-root", str(data_root), "--cache", str(cache_dir),
             "--results", str(tmp_path), "--no-progress"]
     assert main(args) == 0
-    table = pd.read_csv(tmp_path / "synthetic" / "smallcnn" / "segmentation.csv")
+    table = pd.read_csv(tmp_path / "synthetic" / "smallcnn-limit4" / "segmentation.csv")
     assert set(table["method"]) == {"input-x-gradient", "gradcam"}
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from mb_testutils import make_batch
 
-from maskbench.benchmark.store import RowStore, rows_from_values
+from maskbench.benchmark.store import RowStore, rows_from_values, with_markers
 from maskbench.benchmark.tables import UNMASKED, class_table, load_current_rows, write_all_tables, write_tables
 from maskbench.metrics import METRICS, MetricInputs
 
@@ -31,8 +31,7 @@ def _values(quality: float, rng: np.random.Generator) -> dict[str, list[float]]:
          "pointing/constant": [0.0] * N, "pointing/tied": [1.0] + [0.0] * (N - 1), "pointing/no_gt": [0.0] * N,
          "pointing/skipped_difficult": [0.0] * N,
          "maskcls/tp": u(0, 2), "maskcls/fp": u(0, 1), "maskcls/fn": u(0, 1),
-         "maskcls/orig_tp": [1.0] * N, "maskcls/orig_fp": [0.0] * N, "maskcls/orig_fn": [1.0] * N,
-         "_complete": [1.0] * N}
+         "maskcls/orig_tp": [1.0] * N, "maskcls/orig_fp": [0.0] * N, "maskcls/orig_fn": [1.0] * N}
     for t in (0, 1):
         v[f"classmask/t{t}/none"] = u(60, 90)
         for m in (0, 1):
@@ -48,7 +47,7 @@ def results(tmp_path):
     store = RowStore(run)
     ids = [f"{i:04d}" for i in range(N)]
     for q, (m, fam) in zip((0.0, 0.3, 0.9), METHODS.items(), strict=True):
-        store.save(m, rows_from_values(ids, _values(q, rng), run_key="k"))
+        store.save(m, with_markers(rows_from_values(ids, _values(q, rng), run_key="k")))
         store.save_meta(m, {"method": m, "label": m.title(), "family": fam, "preset": "fast", "run_key": "k",
                             "timing": {"explain_seconds": 2.0 * (1 + q), "images": N, "warmup_seconds": 0.5,
                                        "device": "cpu"},
@@ -163,9 +162,9 @@ def test_ground_truth_masks_give_a_high_diagonal(tmp_path):
 def test_load_current_rows_ignores_stale_rows(results):
     run = results / "synthetic" / "smallcnn"
     store = RowStore(run)
-    stale = rows_from_values(["9999"], {"iou": [1.0], "_complete": [1.0]}, run_key="old")
+    stale = with_markers(rows_from_values(["9999"], {"iou": [1.0]}, run_key="old"))
     store.save("alpha", pd.concat([store.load("alpha"), stale]))
-    rows, _ = load_current_rows(run)
+    rows = load_current_rows(run).rows
     assert "9999" not in set(rows.loc[rows["method"] == "alpha", "image_id"])
 
 
