@@ -16,6 +16,7 @@ or scored a classifier is always in ``eval()`` with ``requires_grad`` off (:func
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,8 @@ from .registry import Registry
 from .storage import atomic_write, file_sha256, read_json, stable_hash, write_json
 
 CLASSIFIERS: Registry = Registry("model")
+# Checkpoints shipped with maskbench (the classifier of the published default run), looked up before the cache.
+SHIPPED_DIR = Path(__file__).resolve().parent / "checkpoints"
 
 
 @dataclass(frozen=True)
@@ -303,7 +306,12 @@ def load_checkpoint(model: nn.Module, path: str | Path, device: torch.device) ->
     path = Path(path)
     if not path.is_file():
         raise MaskbenchError(f"Classifier checkpoint not found: {path}")
-    state = torch.load(path, map_location=device, weights_only=True)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated, not a checkpoint, or refused by weights_only (pickled code)
+        raise MaskbenchError(f"Cannot load the classifier checkpoint {path}: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}. Delete it and rerun (a cached "
+                             f"one is retrained), or pass a valid --checkpoint.") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     try:
@@ -321,10 +329,13 @@ def get_classifier(
     cache_dir: Path,
     checkpoint: str | Path | None = None,
     progress: bool = True,
+    train_new: bool = False,
 ) -> tuple[Classifier, dict[str, Any]]:
     """Return the frozen classifier for a data set, training and caching it if needed.
 
-    ``datasets(split)`` builds a split of the data set; ``dataset_key`` identifies the data for the cache.
+    ``datasets(split)`` builds a split of the data set; ``dataset_key`` identifies the data (its content) for the
+    cache. A checkpoint shipped with maskbench (:data:`SHIPPED_DIR`) whose key fits is used first, so every
+    machine explains the same classifier; ``train_new`` skips it and uses one trained on this machine (cached).
     The returned info (checkpoint path and hash, test mAP, training time) goes into the run manifest.
     """
     spec: ClassifierSpec = CLASSIFIERS.get(name)
@@ -336,13 +347,27 @@ def get_classifier(
     else:
         key = stable_hash({"model": name, "recipe": asdict(spec.recipe), "data": dataset_key, "v": 1})
         path = cache_dir / "classifiers" / f"{name}-{key}.pt"
+        shipped = SHIPPED_DIR / path.name
+        if not train_new and shipped.is_file() and shipped.with_suffix(".json").is_file():
+            path = shipped
         meta_path = path.with_suffix(".json")
+        model = None
         if path.is_file() and meta_path.is_file():
             model = spec.build(num_classes, **({"pretrained_backbone": False} if name != "smallcnn" else {}))
-            load_checkpoint(model, path, device)
-            info.update(read_json(meta_path))
-            info["trained_here"] = False
-        else:
+            try:
+                load_checkpoint(model, path, device)
+                info.update(read_json(meta_path))
+            except (MaskbenchError, ValueError) as exc:
+                if path.parent == SHIPPED_DIR:
+                    raise MaskbenchError(f"The shipped classifier {path} is damaged ({exc}); restore it with "
+                                         f"`git checkout -- {path.name}` or pass --train-classifier.") from None
+                # a damaged cached checkpoint costs one retraining, not the run
+                print(f"maskbench: damaged cached classifier {path} ({exc}); retraining it", file=sys.stderr)
+                model = None
+            else:
+                info["trained_here"] = False
+                info["shipped"] = path.parent == SHIPPED_DIR
+        if model is None:
             model = spec.build(num_classes)
             train_info = train_classifier(model, datasets("train"), datasets("val"), spec.recipe, device, progress)
             test = datasets("test")

@@ -2,6 +2,7 @@
 
     maskbench bench   [--dataset synthetic] [--model smallcnn] [--methods gradcam,rise] [--limit N] ...
     maskbench tables  [--results results]          rebuild every table from stored rows (no model)
+    maskbench verify  [--run results/synthetic/smallcnn]   recompute a run from an empty cache, compare cells
                       [--resamples 1000 --seed 0 --no-ci]
     maskbench methods [--plugin mod]               list registered methods, presets and origin
     maskbench datasets | models | metrics          list the other registries
@@ -59,11 +60,18 @@ def _add_run_args(b: argparse.ArgumentParser, d: RunConfig) -> None:
                    help="method settings: fast (CPU default run) or paper (published settings)")
     b.add_argument("--param", action="append", type=_param, default=[], metavar="KEY=VALUE",
                    help="override a hyperparameter of the methods, e.g. --param num_masks=4000; repeatable")
-    b.add_argument("--data-root", default=None, help="data set root (VOCdevkit, COCO folder); synthetic: generated")
+    b.add_argument("--data-root", default=None,
+                   help="data set root (VOCdevkit, COCO folder); synthetic: a folder written by "
+                   "`maskbench generate-synthetic` (default: generated into the cache)")
     b.add_argument("--image-size", type=int, default=None, help="resize images to this square size")
     b.add_argument("--cache", dest="cache_dir", default=None, help="cache dir (default $MASKBENCH_CACHE or "
                    "~/.cache/maskbench): data, checkpoints, masks")
     b.add_argument("--checkpoint", default=None, help="use this classifier checkpoint instead of training one")
+    b.add_argument("--train-classifier", action="store_true",
+                   help="train a new classifier even where the shipped or a cached one fits the data")
+    b.add_argument("--threads", default=d.threads,
+                   help="torch intra-op threads: auto (default: the cores idle at start; see `maskbench "
+                   "perf-threads`) or a number; $MASKBENCH_THREADS sets it too")
     b.add_argument("--no-progress", dest="progress", action="store_false")
     _add_plugin_arg(b)
 
@@ -73,7 +81,7 @@ def _config(args: argparse.Namespace, **extra: object) -> RunConfig:
         dataset=args.dataset, model=args.model, methods=args.methods, device=args.device, seed=args.seed,
         preset=args.preset, method_params=dict(args.param), data_root=args.data_root, image_size=args.image_size,
         cache_dir=args.cache_dir, plugins=args.plugin, checkpoint=args.checkpoint, progress=args.progress,
-        **extra,
+        train_classifier=args.train_classifier, threads=args.threads, **extra,
     )
 
 
@@ -102,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--table-classes", type=_csv_list, default=None,
                    help="classes explained for every image (default: the data set's table classes)")
     b.add_argument("--no-resume", dest="resume", action="store_false", help="recompute rows already stored")
+    b.add_argument("--run-name", default=None,
+                   help="results folder <results>/<dataset>/<NAME> (default: named after the run, e.g. smallcnn "
+                   "for the default run, smallcnn-limit50 for --limit 50)")
+    b.add_argument("--overwrite", action="store_true",
+                   help="with --run-name: replace the folder's results if it holds another run")
 
     tr = sub.add_parser("train", help="train (or load from the cache) learned methods; runs under torchrun too")
     tr.add_argument("methods", type=_csv_list, help="comma-separated learned method names, e.g. explainer,rtis")
@@ -113,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bootstrap resamples over images for the 95%% intervals (default 1000)")
     t.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
     t.add_argument("--no-ci", dest="ci", action="store_false", help="LaTeX without the +- interval half-widths")
+
+    v = sub.add_parser("verify", help="recompute a stored run from an empty cache and compare every table cell")
+    v.add_argument("--run", default="results/synthetic/smallcnn",
+                   help="the stored run folder to verify (default: %(default)s, the published default run)")
+    v.add_argument("--scratch", default=None, help="scratch folder for the new cache and results (default: a new "
+                   "temporary folder)")
+    v.add_argument("--no-progress", dest="progress", action="store_false")
 
     m = sub.add_parser("methods", help="list registered attribution methods")
     _add_plugin_arg(m)
@@ -136,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--out", default="results/perf")
     pf.add_argument("--no-progress", dest="progress", action="store_false")
 
+    th = sub.add_parser("perf-threads", help="time a slice of the default run with 1 and 2 threads, alone and "
+                        "beside a busy torch process (results/perf/threads.csv)")
+    th.add_argument("--images", type=int, default=24)
+    th.add_argument("--out", default="results/perf")
+
     g = sub.add_parser("generate-synthetic", help="write the synthetic data set in VOC and COCO formats")
     g.add_argument("--out", required=True)
     g.add_argument("--n-train", type=int, default=4800)
@@ -150,7 +175,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .runner import run
 
     cfg = _config(args, split=args.split, limit=args.limit, batch_size=args.batch_size,
-                  results_dir=args.results_dir, table_classes=args.table_classes, resume=args.resume)
+                  results_dir=args.results_dir, table_classes=args.table_classes, resume=args.resume,
+                  run_name=args.run_name, overwrite=args.overwrite)
     result = run(cfg)
     clf = result.manifest["classifier"]
     print(f"classifier {cfg.model}: test mAP {clf.get('test_map', 'n/a')} ({clf.get('checkpoint')})")
@@ -161,9 +187,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               f"{s.constant_maps:>5} {s.seconds:>8.2f}")
         for err in s.errors[:3]:
             print(f"{'':>16}   error: {err}")
-        if s.setup.get("stopped") == "time_budget":
-            print(f"{'':>16}   warning: training stopped by its wall-clock cap after {s.setup.get('steps')} steps; "
-                  f"the result depends on the machine's speed and load")
+        for warning in s.warnings[:5]:
+            print(f"{'':>16}   note: {warning}")
+    for method, why in result.manifest.get("excluded_from_tables", {}).items():
+        print(f"{method:>16}   not in the tables: {why} (rerun it, or delete its per_image files)")
     names = sorted({p.stem for p in result.tables})
     print(f"wrote {result.run_dir}/manifest.json and tables {', '.join(names)} (.csv/.tex) "
           f"({result.manifest['wall_seconds']:.1f} s)")
@@ -214,6 +241,15 @@ def _cmd_tables(args: argparse.Namespace) -> int:
     for p in written:
         print(p)
     return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import summary, verify
+
+    table, path = verify(Path(args.run), Path(args.scratch) if args.scratch else None, progress=args.progress)
+    print(summary(table))
+    print(f"wrote {path}")
+    return 0 if bool(table["within"].all()) else 1
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
@@ -276,6 +312,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_train(args)
         if args.command == "tables":
             return _cmd_tables(args)
+        if args.command == "verify":
+            return _cmd_verify(args)
+        if args.command == "perf-threads":
+            from .threads import measure
+
+            path = measure(Path(args.out), limit=args.images)
+            print(path.read_text())
+            return 0
         if args.command == "methods":
             return _cmd_methods(args)
         if args.command in ("datasets", "models", "metrics"):

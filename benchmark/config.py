@@ -12,6 +12,30 @@ from typing import Any
 
 from .errors import MaskbenchError, UnknownNameError
 
+# Valid square image sides (``--image-size``, the data set builders' ``image_size``, the synthetic generator's
+# resolution). 16 px is the smallest side at which ``smallcnn`` (stride 8) still has a 2 x 2 Grad-CAM layer and
+# the synthetic generator can draw its shapes; 4096 px bounds memory (one 4096 px float32 image is 200 MB, and the
+# methods hold many perturbed copies). Larger classifiers need more (VGG16 and ResNet-50 stride 32).
+MIN_IMAGE_SIZE = 16
+MAX_IMAGE_SIZE = 4096
+
+
+class InvalidOptionError(MaskbenchError, ValueError):
+    """An option with a value outside its valid range: the message names the option, the value and the range."""
+
+
+def check_image_size(value: object, option: str = "image_size") -> int | None:
+    """``value`` if it is None (native size) or an int in [MIN_IMAGE_SIZE, MAX_IMAGE_SIZE]; else InvalidOptionError."""
+    if value is None:
+        return None
+    valid = isinstance(value, int) and not isinstance(value, bool) and MIN_IMAGE_SIZE <= value <= MAX_IMAGE_SIZE
+    if not valid:
+        raise InvalidOptionError(
+            f"{option} must be an int in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] (pixels per side) or unset for the "
+            f"data set's native size, got {value!r}."
+        )
+    return value
+
 # The default benchmark: reference rows first (the sanity rows of Table 2), then the methods.
 REFERENCE_METHODS = [
     "constant-0",
@@ -74,6 +98,10 @@ class RunConfig:
     method_params: dict[str, Any] = field(default_factory=dict)  # hyperparameter overrides for every method
     resume: bool = True
     progress: bool = True
+    run_name: str | None = None  # the results folder <results>/<dataset>/<run_name>; None: named after the run
+    train_classifier: bool = False  # train a new classifier even where a shipped or cached one fits
+    overwrite: bool = False  # a named folder holding another run is replaced instead of refused
+    threads: str = "auto"  # torch intra-op threads: auto (the idle cores at start, see threads.py) or a number
 
     def __post_init__(self) -> None:
         if self.model is None:
@@ -84,9 +112,40 @@ class RunConfig:
             raise MaskbenchError(f"--limit must be positive, got {self.limit}")
         if self.batch_size <= 0:
             raise MaskbenchError(f"--batch-size must be positive, got {self.batch_size}")
+        check_image_size(self.image_size, "--image-size")
+
+    def run_label(self) -> str:
+        """The results folder's name: the classifier, then what differs from the data set's default run.
+
+        The default run (test split, every image, preset ``fast``, native size, default table classes and
+        classifier, no overrides) is ``<model>``; a partial or different run gets its own folder, e.g.
+        ``smallcnn-limit50`` or ``vgg16-split-val-paper``, so it never writes into the published results.
+        """
+        from .storage import file_sha256, stable_hash
+
+        parts = [str(self.model)]
+        if self.split != "test":
+            parts.append(f"split-{self.split}")
+        if self.limit:
+            parts.append(f"limit{self.limit}")
+        if self.preset != "fast":
+            parts.append(self.preset)
+        if self.image_size:
+            parts.append(f"size{self.image_size}")
+        if self.table_classes is not None:
+            parts.append("classes-" + stable_hash(self.table_classes, 6))
+        if self.checkpoint:
+            parts.append("ckpt-" + (file_sha256(self.checkpoint)[:8] if Path(self.checkpoint).is_file() else "x"))
+        elif self.train_classifier:
+            parts.append("retrained")
+        if self.method_params:
+            parts.append("params-" + stable_hash(self.method_params, 6))
+        if self.seed != 0:
+            parts.append(f"seed{self.seed}")
+        return "-".join(parts)
 
     def run_dir(self) -> Path:
-        return Path(self.results_dir) / self.dataset / self.model
+        return Path(self.results_dir) / self.dataset / (self.run_name or self.run_label())
 
     def resolved_table_classes(self) -> list[str] | str:
         if self.table_classes is not None:

@@ -30,3 +30,12 @@ class DataError(MaskbenchError):
 
 class MethodError(MaskbenchError):
     """An attribution method broke its contract (shape, range) or failed."""
+
+
+class ModelChangedError(MethodError):
+    """A method changed the explained classifier (weights, buffers, train/eval mode or requires_grad)."""
+
+
+class TrainingIncomplete(MaskbenchError):
+    """A learned method's training stopped before its step budget (time limit, interruption); its progress is
+    saved and the same command resumes it. No network trained for fewer steps is ever used."""

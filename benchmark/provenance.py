@@ -109,8 +109,8 @@ def code_hash(cls: type) -> str:
         if not hasattr(m, "__path__"):  # a package __init__ only re-exports: its imports are not followed
             todo += [d for d in _imported_modules(m) if tracked(d) and d.__name__ not in seen]
     h = hashlib.sha256()
-    for name in sorted(seen):
-        h.update(f"{name}:{seen[name]}\n".encode())
+    for digest in sorted(seen.values()):  # contents only: a plugin loaded under another module name keeps its key
+        h.update(f"{digest}\n".encode())
     return h.hexdigest()[:12]
 
 

@@ -9,8 +9,8 @@ in the manifest, and never turned into numbers.
 from __future__ import annotations
 
 import datetime as _dt
-import platform
-import subprocess
+import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +22,16 @@ import torch
 
 from .config import RunConfig
 from .device import resolve_device, synchronize
-from .errors import MaskbenchError, UnknownNameError
+from .errors import MaskbenchError, ModelChangedError, TrainingIncomplete, UnknownNameError
+from .guard import ModelGuard
+from .provenance import code_hash, git_revision, library_versions
 from .registry import import_plugin
+from .runs import claim_run_dir, locate_run_dir, resolve_run_dir
 from .storage import cache_root, stable_hash, write_json
-from .store import MaskCache, RowStore, rows_from_values
+from .store import COMPLETE, MaskCache, RowStore, rows_from_values, with_markers
+from .threads import apply_threads
 
 SAVE_EVERY_SECONDS = 20.0
-COMPLETE = "_complete"  # per-image marker row: all metrics of the image were stored
 MASK_DTYPE = torch.float16  # precision of the mask cache, and of every mask that is scored
 
 
@@ -46,6 +49,7 @@ class MethodSummary:
     explain_seconds: float = 0.0  # to compute the cached masks (all sessions; warm-up excluded)
     explain_seconds_per_image: float | None = None
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # repaired damage, changed code: said, not failures
     setup: dict[str, Any] = field(default_factory=dict)
 
 
@@ -59,30 +63,6 @@ class RunResult:
     @property
     def failed(self) -> int:
         return sum(s.failed for s in self.summaries)
-
-
-def git_revision() -> dict[str, Any]:
-    src = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, check=True)
-        # the code's state: the run itself rewrites the tracked results/, which must not make it "dirty"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
-                               cwd=src, capture_output=True, text=True, check=True)
-        return {"commit": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": "unknown", "dirty": None}
-
-
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version(), "torch_build": torch.__version__, "cuda": str(torch.version.cuda)}
-    for pkg in ("maskbench", "torch", "torchvision", "captum", "numpy", "pandas", "pycocotools"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 def _class_indices(names: list[str] | str, classes: list[str]) -> list[int]:
@@ -121,6 +101,11 @@ class _Session:
     data_key: str
     clf_key: str
     classifier_info: dict[str, Any] = field(default_factory=dict)
+    guard: ModelGuard | None = None  # the model as every method must leave it
+    run_dir: Path = Path()  # the results folder of this run (see runs.resolve_run_dir)
+    identity: dict[str, Any] = field(default_factory=dict)
+    claimed: bool = False  # run.json written
+    threads: dict[str, Any] = field(default_factory=dict)  # intra-op threads used, and why
 
     def method_context(self):
         from maskbench.methods import MethodContext
@@ -139,21 +124,28 @@ class _MethodRun:
     """One method over the run's images: resume from rows, reuse cached masks, explain the rest, score."""
 
     def __init__(self, session: _Session, method: Any):
-        self.s, self.method, self.name = session, method, method.name
+        self.s, self.method, self.name = session, method, stored_name(method, session.config.preset)
         self.summary = MethodSummary(self.name, images=len(session.image_ids))
         metric_versions = {n: spec.version for n, spec in session.metric_specs.items()}
         self.run_key = stable_hash({"method": method.cache_key(), "classifier": session.clf_key,
                                     "data": session.data_key, "metrics": metric_versions})
         self.masks = MaskCache(session.cache / "masks" / session.data_key / session.clf_key
                                / f"{self.name}-{method.cache_key()}")
-        rows = session.store.load(self.name)
+        found = session.store.check(self.name)  # validated: damaged images are recomputed, never "undefined"
+        self.summary.warnings += [f"damaged row, recomputed: {p}" for p in found.problems[:10]]
+        rows = found.rows
         current = rows[rows["run_key"] == self.run_key] if session.config.resume else rows.iloc[0:0]
         # an image is done when its rows were stored (each scored image carries a COMPLETE marker row)
         self.done = set(current.loc[current["metric"] == COMPLETE, "image_id"])
         self.kept = current[current["image_id"].isin(self.done)]
         self.new_rows: list[pd.DataFrame] = []
-        previous = session.store.load_meta(self.name)
+        previous = session.store.load_meta(self.name, strict=False)
         self.same_key_as_before = previous.get("run_key") == self.run_key
+        code = code_hash(type(method))
+        if previous.get("code_hash") not in (None, code):
+            self.summary.warnings.append(f"code changed since the stored rows (code hash {previous['code_hash']} "
+                                         f"-> {code}): recomputing its masks and rows")
+        self.code_hash = code
         # compute time belongs to the cached masks: re-scoring them under new metrics keeps what they cost
         self.timing = self.masks.load_timing()
         self.timing.setdefault("explain_seconds", 0.0)
@@ -162,22 +154,47 @@ class _MethodRun:
             self.summary.setup = dict(previous.get("setup", {}))  # a resumed run still reports its training
         self.is_setup = False
         self.warmed_up = False
+        self.aborted = False  # the method broke the run's contract (changed the model, setup failed)
 
     def save(self, final: bool = False) -> None:
         rows = pd.concat([self.kept, *self.new_rows], ignore_index=True) if self.new_rows else self.kept
+        if not self.s.claimed:
+            claim_run_dir(self.s.run_dir, self.s.identity, self.s.image_ids)
+            self.s.claimed = True
         self.s.store.save(self.name, rows)
         m = self.method
         self.s.store.save_meta(self.name, {
-            "method": self.name, "label": m.display_name(), "family": m.family, "paper": m.paper,
+            "method": self.name, "label": self.label(), "family": m.family, "paper": m.paper,
             "preset": getattr(m, "preset", "paper"), "config": m.config(), "cache_key": m.cache_key(),
             "run_key": self.run_key, "classifier_sha256": self.s.clf_key, "data_key": self.s.data_key,
+            "code_hash": self.code_hash, "registered_name": m.name, "origin": type(m).__module__,
             "timing": self.timing, "setup": self.summary.setup, "complete": final and self.summary.failed == 0,
         })
+
+    def label(self) -> str:
+        """Table label: the method's own, with its preset when it differs from the run's."""
+        preset = getattr(self.method, "preset", "paper")
+        return self.method.display_name() + (f" ({preset})" if self.name != self.method.name else "")
 
     def _setup(self) -> None:
         if not self.is_setup:
             self.summary.setup = self.method.setup(self.s.method_context()) or {}
             self.is_setup = True
+            self._check_model("setup")
+
+    def _check_model(self, when: str) -> None:
+        """Fail the method if it changed the shared classifier; restore the classifier for the next one."""
+        guard = self.s.guard
+        if guard is None:
+            return
+        changes = guard.changes()
+        if changes:
+            guard.restore()
+            raise ModelChangedError(
+                f"method '{self.name}' changed the explained classifier during {when}: {'; '.join(changes)}. "
+                f"Methods must leave the model frozen and in eval() (it was restored; the method's remaining "
+                f"images are not scored)."
+            )
 
     def _timed_explain(self, batch: Any, classes: torch.Tensor, rows: list[int],
                        sub_batch: Any = None) -> tuple[torch.Tensor, float]:
@@ -206,7 +223,17 @@ class _MethodRun:
                 self.timing["warmup_seconds"] = round(warmup, 4)
                 self.warmed_up = True
             out, elapsed = self._timed_explain(batch, classes, missing, sub_batch)
+            self._check_model("explain")
             nan = check_masks(out, batch.images[sub], classes[sub], self.name)
+        except (ModelChangedError, TrainingIncomplete, KeyboardInterrupt) as exc:
+            # the method cannot go on: nothing more of it is computed or stored in this run
+            self.aborted = True
+            self.summary.failed += len(missing)
+            self.summary.errors.append(f"{type(exc).__name__}: {exc}")
+            ok[missing] = False
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            return
         except Exception as exc:  # counted and reported, never scored
             self.summary.failed += len(missing)
             self.summary.errors.append(f"{[ids[j] for j in missing][:3]}: {type(exc).__name__}: {exc}")
@@ -250,10 +277,10 @@ class _MethodRun:
                 values.update({f"{n}/{key}": v.float().cpu().tolist() for key, v in result.items()})
             else:
                 values[n] = result.float().cpu().tolist()
-        values[COMPLETE] = [1.0] * len(keep)
         rows = rows_from_values([ids[j] for j in keep], values, self.run_key)
         # cells of a per-image table that do not apply to an image (NaN) are left out; scalar NaN are kept
-        self.new_rows.append(rows[~(rows["metric"].str.contains("/") & rows["value"].isna())])
+        rows = rows[~(rows["metric"].str.contains("/") & rows["value"].isna())]
+        self.new_rows.append(with_markers(rows))  # a marker row per image counts its other rows
 
     def run(self) -> MethodSummary:
         from tqdm.auto import tqdm
@@ -283,10 +310,14 @@ class _MethodRun:
                 self._explain_missing(ids, batch, classes, masks, missing, ok)
             self._score(ids, batch, classes, masks, ok)
             bar.update(len(ids))
+            if self.aborted:
+                self.summary.failed += len(todo) - start - len(ids)
+                break
             if time.perf_counter() - last_save > SAVE_EVERY_SECONDS:
                 self.save()
                 last_save = time.perf_counter()
         bar.close()
+        self.summary.warnings += [f"damaged cache file, recomputed: {d}" for d in self.masks.damaged]
         if todo or not s.store.csv_path(self.name).is_file() or not self.same_key_as_before:
             self.save(final=True)
         self.summary.explain_seconds = self.timing["explain_seconds"]
@@ -300,6 +331,13 @@ def _distributed() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def stored_name(method: Any, run_preset: str) -> str:
+    """The name a method's rows are stored and tabled under: its registered name, plus ``.preset`` when it
+    runs at another preset than the run's (``rise.paper`` beside ``rise`` in a ``fast`` run)."""
+    preset = getattr(method, "preset", run_preset)
+    return method.name if preset == run_preset else f"{method.name}.{preset}"
 
 
 def build_methods(config: RunConfig) -> list[Any]:
@@ -321,10 +359,13 @@ def prepare(config: RunConfig) -> _Session:
     from maskbench.metrics import METRICS
 
     from .classifiers import get_classifier
+    from .preflight import check_run_folders
 
+    threads = apply_threads(config.threads)
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     cache = Path(config.cache_dir) if config.cache_dir else cache_root()
+    check_run_folders(config.run_dir().parent, cache)  # writable, with room, before any work
     rank, world = _distributed()
     if world > 1 and rank != 0:
         torch.distributed.barrier()
@@ -337,16 +378,51 @@ def prepare(config: RunConfig) -> _Session:
     extra = _class_indices(config.resolved_table_classes(), test.classes)
     train_key = datasets("train").fingerprint() if config.checkpoint is None else "external"
     model, clf_info = get_classifier(
-        config.model, datasets, train_key, test.num_classes, device, cache, config.checkpoint, config.progress
+        config.model, datasets, train_key, test.num_classes, device, cache, config.checkpoint, config.progress,
+        train_new=config.train_classifier,
     )
+    data_key = test.fingerprint()
+    identity = run_identity(config, data_key, image_ids, extra, clf_info["checkpoint_sha256"],
+                            list(test.load(image_ids[0]).image.shape[-2:]) if image_ids else None)
+    if rank == 0:
+        run_dir = resolve_run_dir(config.run_dir(), identity, image_ids, named=config.run_name is not None,
+                                  overwrite=config.overwrite)
     if world > 1 and rank == 0:
         torch.distributed.barrier()
+    if rank != 0:  # the folder rank 0 chose
+        run_dir = locate_run_dir(config.run_dir(), identity)
     session = _Session(
-        config, datasets, test, image_ids, extra, model, device, cache, RowStore(config.run_dir()),
-        {name: METRICS.get(name) for name in METRICS.list()}, test.fingerprint(), clf_info["checkpoint_sha256"],
+        config, datasets, test, image_ids, extra, model, device, cache, RowStore(run_dir, metric_range),
+        {name: METRICS.get(name) for name in METRICS.list()}, data_key, clf_info["checkpoint_sha256"],
     )
+    session.run_dir = run_dir
+    session.identity = identity
     session.classifier_info = clf_info
+    session.guard = ModelGuard(model)
+    session.threads = threads
     return session
+
+
+def metric_range(metric: str) -> tuple[float, float]:
+    """The valid range of a stored row's metric (``iou``, ``classmask/t1/m2``, the marker row)."""
+    from maskbench.metrics import METRICS
+
+    base = metric.split("/", 1)[0]
+    if metric == COMPLETE:
+        return 0.0, math.inf
+    return METRICS.get(base).valid_range if base in METRICS else (-math.inf, math.inf)
+
+
+def run_identity(config: RunConfig, data_key: str, image_ids: list[str], table_classes: list[int],
+                 classifier_sha256: str, image_size: list[int] | None) -> dict[str, Any]:
+    """What every number of a run is conditional on (see :mod:`maskbench.benchmark.runs`)."""
+    identity = {
+        "dataset": config.dataset, "split": config.split, "data_key": data_key, "images": len(image_ids),
+        "image_ids_sha": stable_hash(image_ids), "image_size": image_size, "classifier": config.model,
+        "classifier_sha256": classifier_sha256, "preset": config.preset, "table_classes": table_classes,
+        "method_params": config.method_params, "seed": config.seed,
+    }
+    return json.loads(json.dumps(identity, sort_keys=True, default=str))  # as read back from run.json
 
 
 def train(config: RunConfig) -> list[dict[str, Any]]:
@@ -374,7 +450,7 @@ def run(config: RunConfig) -> RunResult:
 
     from .tables import write_tables
 
-    run_dir = config.run_dir()
+    run_dir = session.run_dir
     clf_public = {k: v for k, v in clf_info.items() if k != "history"}
     manifest = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -382,7 +458,7 @@ def run(config: RunConfig) -> RunResult:
         "git": git_revision(),
         "versions": library_versions(),
         "device": str(device),
-        "torch_threads": torch.get_num_threads(),
+        "threads": session.threads,
         "dataset": {
             "name": config.dataset,
             "split": config.split,
@@ -394,6 +470,7 @@ def run(config: RunConfig) -> RunResult:
             "repr": repr(test),
         },
         "classifier": clf_public,
+        "run": session.identity,
         "metrics": {n: {"higher_is_better": s.higher_is_better, "table": s.table, "label": s.label,
                         "version": s.version} for n, s in session.metric_specs.items()},
         "methods": [vars(s) for s in summaries],
@@ -402,6 +479,8 @@ def run(config: RunConfig) -> RunResult:
     from .tables import diagnostics, load_current_rows
 
     loaded = load_current_rows(run_dir)  # read once: the manifest's counts, then every table
-    manifest["counts"] = diagnostics(*loaded).to_dict(orient="records") if not loaded[0].empty else []
+    manifest["counts"] = (diagnostics(loaded.rows, loaded.metas).to_dict(orient="records")
+                          if not loaded.rows.empty else [])
+    manifest["excluded_from_tables"] = loaded.excluded
     write_json(run_dir / "manifest.json", manifest)
     return RunResult(run_dir, summaries, manifest, write_tables(run_dir, loaded=loaded))

@@ -85,12 +85,15 @@ def alternative_dir(run_dir: Path, identity: dict[str, Any]) -> Path:
 
 def locate_run_dir(run_dir: Path, identity: dict[str, Any]) -> Path:
     """The folder :func:`resolve_run_dir` chose for ``identity`` (for the other processes of a distributed run)."""
-    return Path(run_dir) if read_identity(run_dir) == identity else alternative_dir(run_dir, identity)
+    existing = read_identity(run_dir)
+    if existing == identity or (existing is None and not _holds_results(run_dir)):
+        return Path(run_dir)
+    return alternative_dir(run_dir, identity)
 
 
 def resolve_run_dir(run_dir: Path, identity: dict[str, Any], image_ids: list[str], *, named: bool,
                     overwrite: bool, log: Any = print) -> Path:
-    """The folder this run writes to (see the module docstring); writes ``run.json`` there."""
+    """The folder this run writes to (see the module docstring); :func:`claim_run_dir` then writes ``run.json``."""
     run_dir = Path(run_dir)
     existing = read_identity(run_dir)
     if existing == identity:
@@ -112,5 +115,10 @@ def resolve_run_dir(run_dir: Path, identity: dict[str, Any], image_ids: list[str
             if read_identity(alt) not in (None, identity):
                 raise MaskbenchError(f"{alt} holds yet another run; pass --run-name to choose a folder.")
             run_dir = alt
-    write_json(run_dir / RUN_FILE, {"identity": identity, "image_ids": list(image_ids)})
     return run_dir
+
+
+def claim_run_dir(run_dir: Path, identity: dict[str, Any], image_ids: list[str]) -> None:
+    """Write ``run.json`` (before the run's first rows; a run that stores nothing leaves no folder behind)."""
+    if read_identity(run_dir) != identity:
+        write_json(Path(run_dir) / RUN_FILE, {"identity": identity, "image_ids": list(image_ids)})

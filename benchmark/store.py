@@ -205,7 +205,7 @@ class RowStore:
         return df.reset_index(drop=True)
 
     def save(self, method: str, rows: pd.DataFrame) -> None:
-        rows = rows[ROW_COLUMNS].sort_values(["image_id", "metric"], kind="stable")
+        rows = rows[ROW_COLUMNS].astype({"value": float}).sort_values(["image_id", "metric"], kind="stable")
         atomic_write(self.csv_path(method), rows.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
 
     def load_meta(self, method: str, *, strict: bool = True) -> dict[str, Any]:

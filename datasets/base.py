@@ -13,8 +13,12 @@ One sample type for every data set (PASCAL VOC-2007, COCO-2014, the embedded syn
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -195,13 +199,52 @@ class AttributionDataset(torch.utils.data.Dataset):
     def load(self, image_id: str) -> Sample:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def fingerprint(self) -> str:
-        """A string identifying the data (root, split, size, ids) for cache keys."""
-        import hashlib
+    def content_files(self) -> list[tuple[str, Path]] | None:
+        """Every file this split reads, as (name relative to the data set, path on disk), in a fixed order.
+
+        The names do not depend on where the data set is stored. None (the default, for loaders that do not say)
+        makes :meth:`fingerprint` fall back to the root path.
+        """
+        return None
+
+    def fingerprint_options(self) -> dict[str, Any]:
+        """Loader settings that change what the samples are, beyond split, size and classes (e.g. the VOC year)."""
+        return {}
+
+    def fingerprint(self, memo_dir: str | os.PathLike[str] | None = None) -> str:
+        """A key of the split's content for caches (classifier checkpoints, masks, rows): 16 hex characters.
+
+        A function of what the samples are, never of where the data set is stored: the loader type (its format),
+        :meth:`fingerprint_options`, the split, the image size, the class names, the normalisation, the image ids
+        in order, and the SHA-256 of every file the split reads (:meth:`content_files`: images, annotation
+        XML/JSON, segmentation PNGs), each under its name relative to the data set. So a data set moved or copied
+        elsewhere keeps its key, and changing one byte of one file changes it. Reading every file on every run
+        would be slow for COCO and VOC, so the file digests are memoised by (absolute path, size, mtime_ns) in a
+        small JSON file under the cache folder (:mod:`maskbench.datasets.digests`; ``memo_dir`` overrides the
+        folder): a run re-reads only new or modified files. A loader that does not list its files
+        (``content_files`` None) is keyed by its absolute root path instead, as before.
+        """
+        from .digests import file_digests, memo_file
 
         h = hashlib.sha256()
-        h.update(f"{type(self).__name__}|{self.root}|{self.split}|{self.image_size}|".encode())
-        h.update("\n".join(self.image_ids).encode())
+        meta = {
+            "format": type(self).__name__,
+            "options": self.fingerprint_options(),
+            "split": self.split,
+            "image_size": self.image_size,
+            "classes": list(self.classes),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+        h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+        h.update(b"\0" + "\n".join(self.image_ids).encode() + b"\0")
+        files = self.content_files()
+        if files is None:
+            h.update(f"root:{os.path.abspath(self.root)}".encode())
+        else:
+            digests = file_digests([p for _, p in files], memo_file(self.root, memo_dir))
+            for (name, _), digest in zip(files, digests, strict=True):
+                h.update(f"{name}\t{digest}\n".encode())
         return h.hexdigest()[:16]
 
     def __repr__(self) -> str:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 
+from ..benchmark.config import check_image_size
 from ..benchmark.errors import DataError
 from .base import DATASETS, AttributionDataset, Sample
 from .voc import _root_from_env, image_to_tensor, load_rgb, output_size, resize_nearest, resize_rgb
@@ -57,9 +58,8 @@ class COCODataset(AttributionDataset):
         ann_file: str | os.PathLike[str] | None = None,
         image_dir: str | os.PathLike[str] | None = None,
     ):
+        check_image_size(image_size)
         super().__init__(str(root), split, image_size)
-        if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-            raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
         root_p = Path(root)
         if not root_p.exists():
             raise DataError(f"COCO data root not found: {root_p} (expected annotations/ and image folders).")
@@ -96,6 +96,14 @@ class COCODataset(AttributionDataset):
         if not self._stem_to_img:
             raise DataError(f"COCO annotation file {self.ann_file} lists no images.")
         self.image_ids = list(self._stem_to_img)
+
+    def content_files(self) -> list[tuple[str, Path]]:
+        """The annotation file, then every image of the split (named by its ``file_name``)."""
+        files = [("annotations.json", self.ann_file)]
+        for stem in self.image_ids:
+            file_name = self.coco.imgs[self._stem_to_img[stem]]["file_name"]
+            files.append((f"images/{file_name}", self.image_dir / file_name))
+        return files
 
     @staticmethod
     def _load_coco(path: Path) -> COCO:

@@ -62,6 +62,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from ..benchmark.config import InvalidOptionError, check_image_size
 from ..benchmark.errors import DataError
 from .base import DATASETS
 from .coco import COCODataset
@@ -547,15 +548,7 @@ def generate_synthetic(
     returned as is; with other options a :class:`DataError` is raised unless ``overwrite``. A non-empty
     ``out_dir`` that is not a complete synthetic data set is also refused unless ``overwrite``.
     """
-    for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
-        if int(n) != n or n < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {n!r}")
-    if n_train + n_val + n_test < 1:
-        raise ValueError("generate_synthetic needs at least one image (n_train + n_val + n_test >= 1)")
-    if int(image_size) != image_size or image_size < 16:
-        raise ValueError(f"image_size must be an int >= 16, got {image_size!r}")
-    if not 0.0 <= cooccurrence <= 1.0:
-        raise ValueError(f"cooccurrence must be a probability in [0, 1], got {cooccurrence!r}")
+    _check_generator_options(n_train, n_val, n_test, image_size, seed, cooccurrence)
     options = _options(n_train, n_val, n_test, image_size, seed, cooccurrence)
     out = Path(out_dir)
 
@@ -598,6 +591,27 @@ def generate_synthetic(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_generator_options(n_train: Any, n_val: Any, n_test: Any, image_size: Any, seed: Any,
+                             cooccurrence: Any) -> None:
+    """Refuse bad generator options (:class:`InvalidOptionError`, naming the value and the valid range)."""
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+        if not is_int(n) or n < 0:
+            raise InvalidOptionError(f"{name} must be an int >= 0, got {n!r}")
+    if n_train + n_val + n_test < 1:
+        raise InvalidOptionError("the synthetic data set needs at least one image (n_train + n_val + n_test >= 1), "
+                                 f"got {n_train} + {n_val} + {n_test}")
+    check_image_size(image_size if not isinstance(image_size, np.integer) else int(image_size),
+                     "the synthetic resolution (image_size of generate_synthetic, resolution of the builders)")
+    if not is_int(seed) or seed < 0:
+        raise InvalidOptionError(f"seed must be an int >= 0, got {seed!r}")
+    if isinstance(cooccurrence, bool) or not isinstance(cooccurrence, (int, float)) or not 0.0 <= cooccurrence <= 1.0:
+        raise InvalidOptionError(f"cooccurrence must be a probability in [0, 1], got {cooccurrence!r}")
 
 
 def _check_existing(out: Path, options: dict[str, Any]) -> None:
@@ -660,17 +674,44 @@ class SyntheticCOCODataset(COCODataset):
 
 
 def _prepare(
-    root: str | os.PathLike[str] | None, builder: str, options: dict[str, Any], gen: dict[str, Any]
+    root: str | os.PathLike[str] | None,
+    builder: str,
+    options: dict[str, Any],
+    gen: dict[str, Any],
+    generate: bool,
+    image_size: int | None,
 ) -> Path:
+    """Check every option, then find (or generate) the data: nothing is written before the options pass.
+
+    No ``root``: the cached copy for ``gen``, generated on first use. A given ``root`` must hold a complete
+    synthetic data set; it is generated there only with ``generate=True`` (``maskbench generate-synthetic``).
+    """
     if options:
         raise TypeError(
             f"{builder}() got unexpected options {sorted(options)}; valid: root, split, image_size, "
-            "n_train, n_val, n_test, resolution, seed, cooccurrence."
+            "n_train, n_val, n_test, resolution, seed, cooccurrence, generate."
         )
-    path = Path(root) if root is not None else default_synthetic_root(**gen)
-    if not (path / ".complete").is_file():
-        generate_synthetic(path, **gen)
-    return path
+    check_image_size(image_size)
+    _check_generator_options(**gen)
+    if not isinstance(generate, bool):
+        raise InvalidOptionError(f"generate must be True or False, got {generate!r}")
+    if root is None:
+        path = default_synthetic_root(**gen)
+        if not (path / ".complete").is_file():
+            generate_synthetic(path, **gen)
+        return path
+    path = Path(root)
+    if (path / ".complete").is_file():
+        return path
+    if generate:
+        return generate_synthetic(path, **gen)
+    how = (f"write one with `maskbench generate-synthetic --out {path}` (or pass generate=True to the builder), "
+           "or give no data root to use the copy generated in the cache")
+    if not path.exists():
+        raise DataError(f"Synthetic data root not found: {path} (expected a synthetic data set folder with a "
+                        f".complete marker); {how}.")
+    raise DataError(f"{path} is not a complete synthetic data set (expected VOCdevkit/, annotations/ and a .complete "
+                    f"marker, as written by the generator); {how}.")
 
 
 def _native_resolution(path: Path, default: int) -> int:
@@ -692,17 +733,21 @@ def build_synthetic(
     resolution: int = 64,
     seed: int = 0,
     cooccurrence: float = 0.7,
+    generate: bool = False,
     **options: Any,
 ) -> SyntheticDataset:
     """The embedded synthetic set (VOC format), generated into the cache on first use.
 
-    ``root`` None -> ``<cache>/data/synthetic-<hash of options>``; an existing complete ``root`` is read
-    as is. ``image_size`` None -> the resolution the data was generated at.
+    ``root`` None -> ``<cache>/data/synthetic-<hash of options>``, generated there if missing. A given ``root``
+    must hold a complete synthetic data set, read as is (a missing or incomplete one is a :class:`DataError`);
+    ``generate=True`` generates it there first. ``image_size`` None -> the resolution the data was generated at;
+    otherwise an int in [16, 4096]. Every option is checked before anything is written.
     """
     gen = dict(n_train=n_train, n_val=n_val, n_test=n_test, image_size=resolution, seed=seed,
                cooccurrence=cooccurrence)
-    path = _prepare(root, "build_synthetic", options, gen)
-    return SyntheticDataset(path, split, image_size or _native_resolution(path, resolution))
+    path = _prepare(root, "build_synthetic", options, gen, generate, image_size)
+    size = image_size if image_size is not None else _native_resolution(path, resolution)
+    return SyntheticDataset(path, split, size)
 
 
 @DATASETS.register("synthetic-coco")
@@ -716,10 +761,12 @@ def build_synthetic_coco(
     resolution: int = 64,
     seed: int = 0,
     cooccurrence: float = 0.7,
+    generate: bool = False,
     **options: Any,
 ) -> SyntheticCOCODataset:
-    """The same synthetic images and objects read through the COCO loader."""
+    """The same synthetic images and objects read through the COCO loader (options as :func:`build_synthetic`)."""
     gen = dict(n_train=n_train, n_val=n_val, n_test=n_test, image_size=resolution, seed=seed,
                cooccurrence=cooccurrence)
-    path = _prepare(root, "build_synthetic_coco", options, gen)
-    return SyntheticCOCODataset(path, split, image_size or _native_resolution(path, resolution))
+    path = _prepare(root, "build_synthetic_coco", options, gen, generate, image_size)
+    size = image_size if image_size is not None else _native_resolution(path, resolution)
+    return SyntheticCOCODataset(path, split, size)

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..benchmark.config import check_image_size
 from ..benchmark.errors import DataError
 from .base import DATASETS, AttributionDataset, Sample
 
@@ -183,9 +184,8 @@ class VOCDataset(AttributionDataset):
         classes: Sequence[str] = VOC_CLASSES,
         segmentation_only: bool = True,
     ):
+        check_image_size(image_size)
         super().__init__(str(root), split, image_size)
-        if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-            raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
         self.year = str(year)
         self.classes = list(classes)
         if len(set(self.classes)) != len(self.classes):
@@ -209,6 +209,18 @@ class VOCDataset(AttributionDataset):
         if not ids:
             raise DataError(f"Image list {list_file} is empty (expected one image id per line).")
         self.image_ids = ids
+
+    def content_files(self) -> list[tuple[str, Path]]:
+        """Per image: its JPEG, XML annotation and segmentation PNG (absent PNGs count as absent)."""
+        out = []
+        for image_id in self.image_ids:
+            for folder, ext in (("JPEGImages", "jpg"), ("Annotations", "xml"), ("SegmentationClass", "png")):
+                name = f"{folder}/{image_id}.{ext}"
+                out.append((name, self.voc_dir / name))
+        return out
+
+    def fingerprint_options(self) -> dict[str, Any]:
+        return {"year": self.year, "segmentation_only": self.segmentation_only}
 
     # ---------------------------------------------------------------------------------------------
     def _parse_annotation(

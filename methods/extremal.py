@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AttributionMethod, normalize_maps, register_method
+from .base import AttributionMethod, check_choice, check_range, hyperparameter_error, normalize_maps, register_method
 from .perturbations import gaussian_blur
 
 SMOOTH_MAX_TEMPERATURE = 20.0
@@ -241,6 +241,30 @@ class ExtremalPerturbation(AttributionMethod):
     version = "2"
     presets = {"fast": {"areas": [0.2], "max_iter": 100, "lambda_growth": 1.0035 ** (800 / 100),
                         "resolution": "cell"}}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        areas = self.areas
+        if not isinstance(areas, (list, tuple)) or not areas or not all(
+            isinstance(a, (int, float)) and not isinstance(a, bool) and 0 < a < 1 for a in areas
+        ):
+            raise hyperparameter_error(self, "areas", areas, "a non-empty list of area fractions in (0, 1)")
+        check_range(self, "max_iter", 1)
+        check_range(self, "levels", 2)  # the blur pyramid needs the image and at least one blurred level
+        check_range(self, "step", 1)
+        check_range(self, "sigma", 0, low_open=True)
+        check_range(self, "max_blur", 0, low_open=True)
+        check_range(self, "lr", 0, low_open=True)
+        check_range(self, "momentum", 0, 1, high_open=True)
+        check_range(self, "lambda_start", 0)
+        check_range(self, "lambda_growth", 1)
+        check_choice(self, "reward", ("contrastive", "simple"))
+        check_choice(self, "variant", ("preserve", "delete", "dual"))
+        check_choice(self, "area_domain", ("image", "full"))
+        check_choice(self, "resolution", ("pixel", "cell"))
+        check_range(self, "smooth", 0, 1)
+        check_choice(self, "combine", ("select", "mean", "max"))
+        check_range(self, "max_batch", 1)
 
     def _reward(self, logits: Tensor, target: Tensor) -> Tensor:
         own = logits.gather(1, target[:, None])[:, 0]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AttributionMethod, image_class_pairs, normalize_maps, register_method
+from .base import AttributionMethod, check_range, image_class_pairs, normalize_maps, register_method
 
 
 @register_method("gradcam")
@@ -28,6 +28,10 @@ class GradCAM(AttributionMethod):
     label = "Grad-CAM"
     family = "gradient"
     paper = "Selvaraju et al., ICCV 2017"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "max_batch", 1)
 
     def explain(self, model: nn.Module, images: Tensor, classes: Tensor, *, batch=None) -> Tensor:
         from captum.attr import LayerGradCam
@@ -75,6 +79,10 @@ class GradCAMPlusPlus(AttributionMethod):
     label = "Grad-CAM++"
     family = "gradient"
     paper = "Chattopadhay et al., WACV 2018"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "max_batch", 1)
 
     def explain(self, model: nn.Module, images: Tensor, classes: Tensor, *, batch=None) -> Tensor:
         b, k = classes.shape

@@ -28,7 +28,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import AttributionMethod, MethodContext, image_class_pairs, normalize_maps, register_method
+from .base import (
+    AttributionMethod,
+    MethodContext,
+    check_choice,
+    check_range,
+    image_class_pairs,
+    normalize_maps,
+    register_method,
+)
 
 
 def clip_and_normalize(maps: Tensor, percentile: float) -> Tensor:
@@ -46,6 +54,11 @@ class _GradientMethod(AttributionMethod):
     clip_percentile: float = 99.0
 
     family = "gradient"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "max_batch", 1)
+        check_range(self, "clip_percentile", 0, 100, low_open=True)  # 0 would clip every map to a constant
 
     def _rows(self, images: Tensor) -> int:
         """Rows per pass: ``max_batch``, or about 2^20 input pixels on the CPU (256 rows at 64 px, 20 at 224 px:
@@ -94,6 +107,12 @@ class SmoothGrad(_GradientMethod):
     paper = "Smilkov et al., ICML Workshop 2017"
     presets = {"fast": {"samples": 20}}
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "samples", 1)
+        check_range(self, "noise_level", 0)
+        check_range(self, "seed", 0)
+
     def _noise(self, images: Tensor) -> Tensor:
         """(B, samples, 3, H, W) standard normal noise, seeded per image."""
         out = []
@@ -130,6 +149,12 @@ class IntegratedGradients(_GradientMethod):
     label = "IG"
     paper = "Sundararajan et al., ICML 2017"
     presets = {"fast": {"steps": 32}}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "steps", 2)
+        check_choice(self, "rule", ("riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle",
+                                    "gausslegendre"))
 
     def explain(self, model: nn.Module, images: Tensor, classes: Tensor, *, batch: Any = None) -> Tensor:
         from captum.attr import IntegratedGradients as CaptumIG

@@ -80,7 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AttributionMethod, normalize_maps, register_method
+from .base import AttributionMethod, check_choice, check_range, hyperparameter_error, normalize_maps, register_method
 from .perturbations import REFERENCE_SIZE, gaussian_blur, scaled_sigma
 
 PATH_SIGNS = (1.0, -1.0, 1.0, -1.0)  # D(M_c), -I(M_c), D(M_d), -I(M_i)
@@ -183,6 +183,27 @@ class IGOSPlusPlus(AttributionMethod):
     family = "perturbation"
     paper = "Khorram et al., CHIL 2021"
     presets = {"fast": {"iterations": 4, "ig_iter": 3, "ls_min_step": 0.05}}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "size", 1)
+        check_range(self, "iterations", 1)  # 0 iterations leave every mask at 1: all-zero maps
+        check_range(self, "ig_iter", 1)
+        check_range(self, "l1", 0)
+        check_range(self, "l2", 0)
+        check_range(self, "alpha", 0, low_open=True)
+        check_range(self, "ls_decay", 0, 1, low_open=True, high_open=True)
+        check_range(self, "ls_beta", 0, 1, high_open=True)
+        check_range(self, "ls_min_step", 0, low_open=True)
+        if self.ls_min_step > self.alpha:  # the line search would try no step: the masks never move
+            raise hyperparameter_error(self, "ls_min_step", self.ls_min_step, f"a number <= alpha ({self.alpha})")
+        check_range(self, "noise_std", 0)
+        check_range(self, "btv_sigma", 0, low_open=True)
+        check_range(self, "blur_sigma", 0, low_open=True)
+        check_range(self, "blur_truncate", 0, low_open=True)
+        check_choice(self, "score", ("sigmoid", "softmax", "logit"))
+        check_range(self, "max_batch", 1)
+        check_range(self, "seed", 0)
 
     def _scores(self, logits: Tensor, target: Tensor) -> Tensor:
         if self.score == "sigmoid":

@@ -85,7 +85,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AttributionMethod, normalize_maps, register_method
+from .base import AttributionMethod, check_choice, check_range, normalize_maps, register_method
 from .perturbations import REFERENCE_SIZE, colour_noise, gaussian_blur, scaled_sigma
 
 CIRCLE_RADIUS_STEP = 5.0  # px at 224 px (reference code: radii 0, 5, ..., 170)
@@ -165,6 +165,22 @@ class MeaningfulPerturbation(AttributionMethod):
     presets = {"fast": {"max_iter": 60}}
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "max_iter", 1)
+        check_range(self, "lr", 0, low_open=True)
+        check_range(self, "l1_coeff", 0)
+        check_range(self, "tv_coeff", 0)
+        check_range(self, "tv_beta", 1)
+        check_range(self, "mask_size", 1)
+        check_range(self, "mask_blur", 0)
+        check_range(self, "blur_sigma", 0, low_open=True)  # 0: the blur perturbation would delete nothing
+        check_range(self, "jitter", 0)
+        check_range(self, "mask_noise", 0)
+        check_choice(self, "init", ("circle", "ones"))
+        check_choice(self, "perturbation", ("blur", "dgmp"))
+        check_choice(self, "score", ("sigmoid", "softmax", "logit"))
+        check_range(self, "max_batch", 1)
+        check_range(self, "seed", 0)
         self._upsampling: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def _check(self) -> None:

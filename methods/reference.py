@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from maskbench.benchmark.errors import MethodError
 
-from .base import AttributionMethod, register_method
+from .base import AttributionMethod, check_range, register_method
 
 
 def _constant(images: Tensor, classes: Tensor, value: float) -> Tensor:
@@ -94,6 +94,10 @@ class CentreGaussian(AttributionMethod):
     label = "Centre"
     family = "reference"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "sigma", 0, low_open=True)
+
     def explain(self, model: nn.Module, images: Tensor, classes: Tensor, *, batch=None) -> Tensor:
         b, _, h, w = images.shape
         ys = torch.arange(h, device=images.device, dtype=images.dtype) - (h - 1) / 2
@@ -114,6 +118,10 @@ class RandomUniform(AttributionMethod):
     seed: int = 0
     label = "Random"
     family = "reference"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "seed", 0)
 
     def explain(self, model: nn.Module, images: Tensor, classes: Tensor, *, batch=None) -> Tensor:
         b, _, h, w = images.shape

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AttributionMethod, normalize_maps, register_method
+from .base import AttributionMethod, check_choice, check_range, normalize_maps, register_method
 
 
 def rise_masks(n: int, cells: int, p: float, size: tuple[int, int], seed: int) -> Tensor:
@@ -63,6 +63,14 @@ class RISE(AttributionMethod):
     presets = {"fast": {"num_masks": 1000}}
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "num_masks", 1)
+        check_range(self, "num_cells", 1)
+        check_range(self, "p", 0, 1, low_open=True, high_open=True)  # p = 1 keeps every pixel: constant maps
+        check_range(self, "batch_size", 1)
+        check_range(self, "seed", 0)
+        check_choice(self, "score", ("sigmoid", "softmax", "logit"))
+        check_choice(self, "normalize", ("minmax", "none"))
         self._masks: dict[tuple, Tensor] = {}
 
     def masks(self, size: tuple[int, int], device: torch.device) -> Tensor:

@@ -296,7 +296,7 @@ def test_coco_builder_and_errors(ds_coco_root: Path, tmp_path: Path, monkeypatch
     with pytest.raises(DataError, match="MASKBENCH_COCO_ROOT"):
         build_dataset("coco")
     monkeypatch.setenv("MASKBENCH_COCO_ROOT", str(ds_coco_root))
-    assert len(build_dataset("coco", split="val", image_size=8)) == 3
+    assert len(build_dataset("coco", split="val", image_size=16)) == 3
 
     missing = tmp_path / "nococo"
     with pytest.raises(DataError, match=str(missing)):

@@ -32,7 +32,7 @@ def learned_context(tmp_path_factory):
 def fast(name, ctx_factory=None, model=None):
     overrides = {"rise": {"num_masks": 64}}.get(name, {})
     if METHODS.get(name).family == "learned":
-        overrides = {"max_epochs": 1, "max_train_seconds": 20.0}
+        overrides = {"max_epochs": 1}
     method = build_method(name, preset="fast", **overrides)
     if method.family == "learned":
         method.setup(ctx_factory(model))

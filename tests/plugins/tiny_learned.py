@@ -32,3 +32,30 @@ class TinyLearned(LearnedMethod):
 
     def predict(self, net, model, images):
         return torch.sigmoid(net(images))
+
+
+@register_method("test-tiny-learned-noisy")
+@dataclass
+class TinyLearnedNoisy(TinyLearned):
+    """TinyLearned drawing on every state a resumed training must restore: input noise from the training
+    generator, dropout (the global random generator) and a learning-rate schedule (halved every 2 epochs: a
+    schedule that restarts from its first epoch gives other rates)."""
+
+    noise: float = 0.1
+    dropout: float = 0.2
+
+    def build_network(self, num_classes, image_size, model):
+        return nn.Sequential(nn.Conv2d(3, num_classes, 3, padding=1), nn.Dropout2d(self.dropout))
+
+    def lr_scheduler(self, opt):
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+    def training_loss(self, net, model, images, labels, generator=None):
+        noise = torch.randn(images.shape, generator=generator).to(images.device)
+        return super().training_loss(net, model, images + self.noise * noise, labels, generator)
+
+
+@register_method("test-tiny-learned-noisy-twin")
+@dataclass
+class TinyLearnedNoisyTwin(TinyLearnedNoisy):
+    """The same training under another name (so another checkpoint): a reference trained in the same run."""
