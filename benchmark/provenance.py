@@ -37,8 +37,8 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
 def _module_digest(path: str) -> str:
     """SHA-256 of a source file's syntax tree without docstrings (the raw bytes if it does not parse)."""
     raw = Path(path).read_bytes()
-    try:
-        blob = ast.dump(_strip_docstrings(ast.parse(raw)), annotate_fields=False, include_attributes=False)
+    try:  # unparse, not dump: the canonical source is the same across Python versions, AST field lists are not
+        blob = ast.unparse(_strip_docstrings(ast.parse(raw)))
     except SyntaxError:
         return hashlib.sha256(raw).hexdigest()
     return hashlib.sha256(blob.encode()).hexdigest()

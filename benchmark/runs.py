@@ -17,6 +17,7 @@ never as undefined) and which method rows belong to it.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -120,5 +121,22 @@ def resolve_run_dir(run_dir: Path, identity: dict[str, Any], image_ids: list[str
 
 def claim_run_dir(run_dir: Path, identity: dict[str, Any], image_ids: list[str]) -> None:
     """Write ``run.json`` (before the run's first rows; a run that stores nothing leaves no folder behind)."""
-    if read_identity(run_dir) != identity:
-        write_json(Path(run_dir) / RUN_FILE, {"identity": identity, "image_ids": list(image_ids)})
+    existing = read_identity(run_dir)
+    if existing == identity:
+        return
+    path = Path(run_dir) / RUN_FILE
+    if existing is not None:  # replaced with --overwrite after resolve_run_dir cleared the folder
+        write_json(path, {"identity": identity, "image_ids": list(image_ids)})
+        return
+    # exclusive creation: of two runs that chose the same new folder at once, the second one is refused
+    tmp = path.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
+    write_json(tmp, {"identity": identity, "image_ids": list(image_ids)})
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        if read_identity(run_dir) != identity:
+            what = "; ".join(differences(read_identity(run_dir) or {}, identity))
+            raise MaskbenchError(f"Another run claimed {run_dir} at the same time ({what}); rerun with --run-name "
+                                 f"to choose another folder.") from None
+    finally:
+        tmp.unlink(missing_ok=True)

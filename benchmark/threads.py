@@ -4,7 +4,7 @@ PyTorch's CPU kernels split work over ``torch.get_num_threads()`` threads that m
 parallel region. Two processes that each use every core therefore wait at every region for a thread the other
 process has preempted: on 2 cores, a second torch process with 2 threads slowed the default run 10-50x. The
 policy (``--threads auto``, the default) gives torch the cores that are idle when the run starts: it reads
-``/proc/stat`` twice 0.25 s apart, counts the busy cores (rounded) and uses ``cores - busy`` threads, at least 1
+``/proc/stat`` twice 0.1 s apart, counts the busy cores (rounded) and uses ``cores - busy`` threads, at least 1
 (``MASKBENCH_THREADS`` or ``--threads N`` fix the count; under ``torchrun`` each process uses
 ``cores // local world size``). The manifest records the threads used and why.
 
@@ -40,7 +40,7 @@ def _cpu_times() -> tuple[float, float] | None:
     return sum(fields), idle
 
 
-def busy_cores(interval: float = 0.25) -> float | None:
+def busy_cores(interval: float = 0.1) -> float | None:
     """Cores kept busy by other processes right now (from ``/proc/stat``), None where it cannot be read."""
     a = _cpu_times()
     time.sleep(interval)
