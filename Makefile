@@ -13,7 +13,7 @@ else
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: venv bench test tables perf lint clean-venv
+.PHONY: venv bench test tables verify perf perf-threads lint clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,16 +29,25 @@ bench: venv
 	$(PY) -m maskbench.benchmark bench --dataset $(DATASET) $(ARGS)
 
 test: venv
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(ARGS)
 
 tables: venv
 	$(PY) -m maskbench.benchmark tables
+
+# verify: recompute the published default run from an empty cache in a scratch folder, compare every table cell
+verify: venv
+	$(PY) -m maskbench.benchmark verify $(ARGS)
 
 # perf: our implementations vs the reference ones (optional `compare` extra: pytorch-grad-cam, TorchRay),
 # side by side in one run; writes results/perf/methods.csv and scaling.csv.
 perf: venv
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[compare]" 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -m maskbench.benchmark perf $(ARGS)
+
+# perf-threads: the default run's slice with 1 and 2 threads, alone and beside a busy process (threads.csv)
+perf-threads: venv
+	$(PY) -m maskbench.benchmark perf-threads $(ARGS)
 
 lint: venv
 	$(PY) -m ruff check .

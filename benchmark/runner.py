@@ -365,7 +365,7 @@ def prepare(config: RunConfig) -> _Session:
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     cache = Path(config.cache_dir) if config.cache_dir else cache_root()
-    check_run_folders(config.run_dir().parent, cache)  # writable, with room, before any work
+    check_run_folders(Path(config.results_dir), cache)  # writable, with room, before any work
     rank, world = _distributed()
     if world > 1 and rank != 0:
         torch.distributed.barrier()

@@ -151,7 +151,8 @@ def test_cli_errors_name_the_culprit(data_root, cache_dir, tmp_path, capsys):
     assert main(["bench", "--dataset", "vocc", *common]) == 2
     assert "Unknown dataset 'vocc'" in capsys.readouterr().err
     missing = tmp_path / "no-such-voc"
-    assert main(["bench", "--dataset", "voc", "--data-root", str(missing), "--cache", str(cache_dir)]) == 2
+    assert main(["bench", "--dataset", "voc", "--data-root", str(missing), "--cache", str(cache_dir), "--results",
+                 str(tmp_path)]) == 2
     assert str(missing) in capsys.readouterr().err
     assert main(["bench", "--table-classes", "dog", *common]) == 2
     assert "Unknown class 'dog'" in capsys.readouterr().err
