@@ -309,9 +309,12 @@ def load_checkpoint(model: nn.Module, path: str | Path, device: torch.device) ->
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # truncated, not a checkpoint, or refused by weights_only (pickled code)
-        raise MaskbenchError(f"Cannot load the classifier checkpoint {path}: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}. Delete it and rerun (a cached "
-                             f"one is retrained), or pass a valid --checkpoint.") from None
+        why = str(exc).splitlines()[0] if str(exc) else ""
+        if "Weights only load failed" in why or "weights_only" in why:
+            why = "not a checkpoint of tensors (damaged, another format, or pickled objects weights_only refuses)"
+        raise MaskbenchError(f"Cannot load the classifier checkpoint {path}: {type(exc).__name__}: {why[:200]}. "
+                             f"Delete it and rerun (a cached one is retrained), or pass a valid --checkpoint."
+                             ) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     try:

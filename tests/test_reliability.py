@@ -362,3 +362,71 @@ def test_verify_recomputes_a_run_from_an_empty_cache(data_root, cache_dir, tmp_p
     assert list(zip(outside["statistic"], outside["method"], strict=True)) == [("iou", "gradcam")]
     assert "outside: segmentation/iou gradcam" in summary(found)
     assert np.isfinite(found["difference"]).all()
+
+
+# ------------------------------------------------------- 4b. damaged learned network; 6. shipped classifier
+
+
+def test_a_damaged_learned_network_costs_one_retraining_not_the_run(data_root, cache_dir, tmp_path, capsys):
+    from maskbench.benchmark.registry import import_plugin
+
+    import_plugin(str(REPO / "tests" / "plugins" / "tiny_learned.py"))
+    first = run(config(data_root, cache_dir, tmp_path, methods=["test-tiny-learned", "gradcam"], limit=4))
+    rows = first.run_dir / "per_image" / "test-tiny-learned.csv"
+    before = rows.read_text()
+    rows.unlink()
+    network = Path(first.summaries[0].setup["checkpoint"])
+    network.write_bytes(network.read_bytes()[:50])
+    for p in (Path(cache_dir) / "masks").rglob("test-tiny-learned-*"):
+        shutil.rmtree(p)  # the masks must be made again, so the network is needed
+    again = run(config(data_root, cache_dir, tmp_path, methods=["test-tiny-learned", "gradcam"], limit=4))
+    learned, gradcam = again.summaries
+    assert "damaged cached network" in capsys.readouterr().err and str(network) in learned.setup["checkpoint"]
+    assert learned.failed == 0 and learned.computed == 4 and learned.setup["trained_here"] is True
+    assert gradcam.skipped == 4
+    _same_rows(rows, before)  # the retrained network (same seed and steps) gives the same rows
+
+
+def test_a_shipped_classifier_is_used_before_training(data_root, tmp_path, monkeypatch):
+    from maskbench.benchmark import classifiers
+
+    trained = run(config(data_root, tmp_path / "cache-a", tmp_path / "a", limit=2))
+    ckpt = Path(trained.manifest["classifier"]["checkpoint"])
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    shutil.copy(ckpt, shipped / ckpt.name)
+    shutil.copy(ckpt.with_suffix(".json"), shipped / ckpt.with_suffix(".json").name)
+    monkeypatch.setattr(classifiers, "SHIPPED_DIR", shipped)
+    fresh = run(config(data_root, tmp_path / "cache-b", tmp_path / "b", limit=2))  # an empty cache, no training
+    info = fresh.manifest["classifier"]
+    assert info["shipped"] is True and info["trained_here"] is False and info["checkpoint"] == str(shipped /
+                                                                                                   ckpt.name)
+    assert not (tmp_path / "cache-b" / "classifiers").exists()
+    own = run(config(data_root, tmp_path / "cache-b", tmp_path / "b", limit=2, train_classifier=True))
+    assert own.manifest["classifier"]["trained_here"] is True and own.run_dir.name == "smallcnn-limit2-retrained"
+    (shipped / ckpt.name).write_bytes(b"damaged")
+    with pytest.raises(MaskbenchError, match=r"The shipped classifier .* is damaged"):
+        run(config(data_root, tmp_path / "cache-c", tmp_path / "c", limit=2))
+
+
+# --------------------------------------------------------------------------------------- 8. thread policy
+
+
+def test_thread_policy_uses_the_idle_cores(monkeypatch):
+    from maskbench.benchmark import threads
+
+    monkeypatch.delenv("MASKBENCH_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(threads, "busy_cores", lambda interval=0.1: 1.2)
+    assert threads.choose_threads("auto") == (1, "2 cores, 1.2 busy with other processes at start")
+    monkeypatch.setattr(threads, "busy_cores", lambda interval=0.1: 0.1)
+    assert threads.choose_threads("auto")[0] == 2
+    monkeypatch.setattr(threads, "busy_cores", lambda interval=0.1: 3.0)
+    assert threads.choose_threads("auto")[0] == 1  # never below one
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert threads.choose_threads("auto")[0] == 1
+    monkeypatch.setenv("MASKBENCH_THREADS", "3")
+    assert threads.choose_threads("auto") == (3, "fixed")
+    with pytest.raises(MaskbenchError, match="--threads must be 'auto' or a positive integer, got 0"):
+        threads.choose_threads("0")
