@@ -1,9 +1,12 @@
 """The runner: wires data set -> classifier -> methods -> masks (cached) -> metrics (per-image rows) -> tables.
 
 Nothing else in maskbench knows about every component. Resuming: a (method, image) pair whose rows exist
-under the current run key is skipped without loading anything; a pair whose masks are cached is scored from
-the cache; only the rest is explained. Failures (a method raising, NaN maps) are counted per method, listed
-in the manifest, and never turned into numbers.
+under the current run key (and pass validation, :func:`~maskbench.benchmark.store.validate_rows`) is skipped
+without loading anything; a pair whose masks are cached is scored from the cache; only the rest is explained.
+Failures (a method raising, NaN maps) are counted per method, listed in the manifest, and never turned into
+numbers. The run writes to the folder of its identity (:mod:`maskbench.benchmark.runs`); the explained model is
+checked after each method batch (:class:`~maskbench.benchmark.guard.ModelGuard`), and a method that changed it
+fails and the model is restored before the next one.
 """
 
 from __future__ import annotations
