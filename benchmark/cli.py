@@ -26,7 +26,8 @@ EXAMPLES = """examples:
   maskbench bench                                   # the default benchmark (synthetic, smallcnn, fast preset)
   maskbench bench --methods gradcam,rise --limit 50
   maskbench bench --dataset voc --data-root ~/data/VOCdevkit --model vgg16 --preset paper
-  maskbench bench --plugin examples/edge_saliency.py --methods edge-saliency
+  maskbench bench --plugin examples/input_x_gradient.py --methods input-x-gradient
+  maskbench bench --methods rise,gradcam --param rise.num_masks=4000
   maskbench tables                                  # rebuild results/*/*/*.csv|.tex from stored rows
 """
 
@@ -59,7 +60,8 @@ def _add_run_args(b: argparse.ArgumentParser, d: RunConfig) -> None:
     b.add_argument("--preset", default=d.preset, choices=PRESETS,
                    help="method settings: fast (CPU default run) or paper (published settings)")
     b.add_argument("--param", action="append", type=_param, default=[], metavar="KEY=VALUE",
-                   help="override a hyperparameter of the methods, e.g. --param num_masks=4000; repeatable")
+                   help="override a hyperparameter: --param rise.num_masks=4000 (one method) or --param "
+                   "num_masks=4000 (every method of the run that has it); repeatable")
     b.add_argument("--data-root", default=None,
                    help="data set root (VOCdevkit, COCO folder); synthetic: a folder written by "
                    "`maskbench generate-synthetic` (default: generated into the cache)")

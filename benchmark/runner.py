@@ -343,13 +343,43 @@ def stored_name(method: Any, run_preset: str) -> str:
     return method.name if preset == run_preset else f"{method.name}.{preset}"
 
 
+def method_overrides(specs: list[str], params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``--param`` overrides of each method spec. ``rise.num_masks`` applies to RISE only; a plain ``key``
+    applies to every method of the run that has that hyperparameter, and is an error when none has it."""
+    from dataclasses import fields
+
+    from maskbench.methods import METHODS
+
+    def registered(spec: str) -> str:
+        return spec if spec in METHODS or "." not in spec else spec.rpartition(".")[0]
+
+    names = [registered(s) for s in specs]
+    has = {n: {f.name for f in fields(METHODS.get(n))} for n in names}
+    scoped: dict[str, dict[str, Any]] = {}
+    plain: dict[str, Any] = {}
+    for key, value in params.items():
+        method, dot, field_name = key.rpartition(".")
+        if dot and method not in names:
+            raise UnknownNameError(f"method of --param {key}", method, names)
+        if dot:
+            scoped.setdefault(method, {})[field_name] = value
+        else:
+            if not any(key in fields_of for fields_of in has.values()):
+                raise MaskbenchError(f"--param {key}={value!r}: no method of this run has a hyperparameter '{key}' "
+                                     f"(methods: {', '.join(names)}); scope it as METHOD.{key}.")
+            plain[key] = value
+    return [{**{k: v for k, v in plain.items() if k in has[n]}, **scoped.get(n, {})} for n in names]
+
+
 def build_methods(config: RunConfig) -> list[Any]:
     """Import the plugins, then build every requested method (fails fast on a bad name, preset or parameter)."""
     for plugin in config.plugins:
         import_plugin(plugin)
     from maskbench.methods import build_method
 
-    return [build_method(spec, preset=config.preset, **config.method_params) for spec in config.methods]
+    overrides = method_overrides(config.methods, config.method_params)
+    return [build_method(spec, preset=config.preset, **over) for spec, over in zip(config.methods, overrides,
+                                                                                      strict=True)]
 
 
 def prepare(config: RunConfig) -> _Session:

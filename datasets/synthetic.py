@@ -66,6 +66,7 @@ from ..benchmark.config import InvalidOptionError, check_image_size
 from ..benchmark.errors import DataError
 from .base import DATASETS
 from .coco import COCODataset
+from .digests import memo_dir
 from .voc import VOCDataset
 
 GENERATOR_VERSION = "1.1"
@@ -635,9 +636,9 @@ def options_hash(options: dict[str, Any]) -> str:
 
 
 def cache_dir() -> Path:
-    """``$MASKBENCH_CACHE`` or ``~/.cache/maskbench``."""
-    env = os.environ.get("MASKBENCH_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "maskbench"
+    """The run's cache folder (``--cache``, set by the runner before it builds data sets), else
+    ``$MASKBENCH_CACHE`` or ``~/.cache/maskbench``: one cache holds a run's data, digests, models and masks."""
+    return memo_dir()
 
 
 def default_synthetic_root(**options: Any) -> Path:

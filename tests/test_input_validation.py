@@ -390,3 +390,22 @@ def test_the_memo_goes_to_the_runs_cache(tmp_path: Path) -> None:
     finally:
         digests.set_memo_dir(None)
     assert digests.memo_dir() == tmp_path / "env-cache"
+
+
+def test_param_is_scoped_to_a_method_or_to_the_methods_that_have_it() -> None:
+    from maskbench.benchmark.runner import build_methods
+
+    def built(methods: list[str], params: dict[str, object]) -> dict[str, object]:
+        return {m.name: m for m in build_methods(RunConfig(methods=methods, method_params=params))}
+
+    both = built(["rise", "smoothgrad", "gradcam"], {"rise.num_masks": 4000, "seed": 7})
+    assert both["rise"].num_masks == 4000 and both["smoothgrad"].seed == 7 and both["rise"].seed == 7
+    assert both["smoothgrad"].samples == build_method("smoothgrad", preset="fast").samples
+    plain = built(["rise", "gradcam"], {"num_masks": 500})  # gradcam has no num_masks: left alone, no error
+    assert plain["rise"].num_masks == 500
+    with pytest.raises(MaskbenchError, match=r"no method of this run has a hyperparameter 'num_masks'"):
+        built(["gradcam", "gradient"], {"num_masks": 500})
+    with pytest.raises(MaskbenchError, match=r"Unknown method of --param rsie.num_masks 'rsie'.*Did you mean: rise"):
+        built(["rise", "gradcam"], {"rsie.num_masks": 500})
+    with pytest.raises(MaskbenchError, match=r"Invalid hyperparameter num_masks=0 for method 'rise'"):
+        built(["rise", "gradcam"], {"rise.num_masks": 0})
