@@ -71,13 +71,75 @@ class QuadrantNet(nn.Module):
         return self.gain * self.head(self.conv(x * self.quadrant)).mean(dim=(2, 3))
 
 
+class _RegionFeatures(nn.Module):
+    """conv (no bias) - ReLU, then each channel group zeroed outside its own region (``regions``: (1, C, H, W))."""
+
+    def __init__(self, regions: torch.Tensor):
+        super().__init__()
+        self.conv = nn.Conv2d(3, regions.shape[1], 3, padding=1, bias=False)
+        self.register_buffer("regions", regions)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x)) * self.regions
+
+
+class TwoRegionNet(nn.Module):
+    """A two-class classifier whose answer is known by construction: class 0's evidence lies only in the top-left
+    quadrant, class 1's only in the bottom-right one (:func:`quadrant`).
+
+    Features (the ``cam_layer``): conv (no bias) - ReLU with 8 channels, channels 0-3 zeroed outside the
+    top-left quadrant and channels 4-7 outside the bottom-right one. Head: positive 1x1 weights, class 0 on
+    channels 0-3 only, class 1 on channels 4-7 only, then the spatial mean. So nothing outside a class's
+    quadrant can change its logit, inside every feature pushes it up, and the two classes share no feature.
+    Class 1's weights are ``ratio`` (3) times larger: a map that ignored the class (e.g. the sum of both classes'
+    evidence) would peak in class 1's quadrant for class 0 as well. ``gain`` scales the logits."""
+
+    def __init__(self, size: int = 32, gain: float = 1.0, ratio: float = 3.0):
+        super().__init__()
+        regions = torch.zeros(1, 8, size, size)
+        regions[:, :4] = quadrant(size, "top-left")
+        regions[:, 4:] = quadrant(size, "bottom-right")
+        self.features = _RegionFeatures(regions)
+        self.head = nn.Conv2d(8, 2, 1, bias=False)
+        self.gain = gain
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.features.conv.weight.normal_(0.0, 0.5, generator=gen)
+            self.head.weight.zero_()
+            self.head.weight[0, :4].uniform_(0.5, 1.0, generator=gen)
+            self.head.weight[1, 4:].uniform_(0.5 * ratio, 1.0 * ratio, generator=gen)
+        self.cam_layer = self.features
+        self.feature_layers = [self.features]
+
+    def forward(self, x):
+        return self.gain * self.head(self.features(x)).mean(dim=(2, 3))
+
+
+def quadrant(h: int, which: str = "top-left", w: int | None = None) -> torch.Tensor:
+    """(h, w) float mask of one quadrant (w = h by default): ``top-left`` or ``bottom-right``."""
+    w = h if w is None else w
+    out = torch.zeros(h, w)
+    if which == "top-left":
+        out[: h // 2, : w // 2] = 1
+    elif which == "bottom-right":
+        out[h // 2 :, w // 2 :] = 1
+    else:
+        raise ValueError(which)
+    return out
+
+
+def region_scores(masks: torch.Tensor, region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For (..., H, W) maps and an (H, W) region: the share of each map's top 10 % pixels that lie in the region,
+    and the map's mean inside and outside it."""
+    h, w = masks.shape[-2:]
+    inside = region.bool().flatten()
+    flat = masks.flatten(-2)
+    top = flat.topk(h * w // 10, dim=-1).indices
+    return inside[top].float().mean(-1), flat[..., inside].mean(-1), flat[..., ~inside].mean(-1)
+
+
 def quadrant_scores(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For (..., H, W) maps of a :class:`QuadrantNet`: the share of each map's top 10 % pixels that lie in the
     top-left quadrant, and the map's mean inside and outside the quadrant."""
     h, w = masks.shape[-2:]
-    inside = torch.zeros(h, w, dtype=torch.bool)
-    inside[: h // 2, : w // 2] = True
-    inside = inside.flatten()
-    flat = masks.flatten(-2)
-    top = flat.topk(h * w // 10, dim=-1).indices
-    return inside[top].float().mean(-1), flat[..., inside].mean(-1), flat[..., ~inside].mean(-1)
+    return region_scores(masks, quadrant(h, "top-left", w))

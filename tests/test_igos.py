@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from mb_testutils import QuadrantNet, quadrant_scores, tiny_model
+from mb_testutils import QuadrantNet, TwoRegionNet, quadrant, quadrant_scores, region_scores
 from torch import nn
 
 from maskbench.benchmark.classifiers import freeze
@@ -16,6 +16,7 @@ from maskbench.methods.igos import (
     line_search_steps,
     regulariser,
 )
+from maskbench.methods.perturbations import gaussian_blur, scaled_sigma
 
 H = W = 32
 SMALL = {"iterations": 3, "ig_iter": 2}  # a few evaluations: enough for the contract checks
@@ -60,14 +61,68 @@ def test_shapes_range_determinism_and_batch_invariance():
     torch.testing.assert_close(chunked, out[[2, 0]], atol=1e-5, rtol=1e-4)
 
 
-def test_masks_stay_at_one_when_deleting_gains_nothing():
-    """A model that ignores its input gives no path gradient; a random tiny CNN gains less from deleting than the
-    L1 term costs (slope 1/16 per cell of the 4 x 4 mask), so every step fails the Armijo test. Either way the
-    masks stay at their initial 1 and the saliency 1 - m_c is exactly 0 everywhere."""
+class BrightnessNet(nn.Module):
+    """Two linear classes that read only the mean brightness of ``region`` (all channels): class 0 ("bright")
+    has logit +mean, class 1 ("dark") -mean."""
+
+    def __init__(self, region: torch.Tensor):
+        super().__init__()
+        self.register_buffer("region", region)
+
+    def forward(self, x):
+        v = (x * self.region).sum(dim=(1, 2, 3)) / (x.shape[1] * self.region.sum())
+        return torch.stack([v, -v], 1)
+
+
+def test_masks_stay_at_one_when_deletion_cannot_lower_the_score():
+    """What iGOS++ does for a class whose score no deletion can lower: both masks start at 1, where the gradients
+    of the L1 term (subgradient 0 at m = 1) and of the bilateral TV (a flat mask) vanish, so the direction is the
+    path gradient alone. If deleting (lowering M) can only raise the class score and inserting can only lower it,
+    that gradient is <= 0 in every mask cell; every step m - a g is clipped back to 1, so the masks never leave 1,
+    whatever the noise, and the saliency 1 - m_c is exactly 0 everywhere: an all-zero map ("no evidence").
+
+    Two such classes by construction: (1) logits that do not depend on the input (no path gradient at all);
+    (2) the "dark" class of BrightnessNet on images whose region is a square at the images' maximum value (1):
+    the blurred baseline b (a normalised non-negative kernel) is <= 1 there, so x - b >= 0 on the region: along
+    the deletion path b + t M (x - b) its logit -mean_region(.) can only rise as M falls, along the insertion path
+    x - t M (x - b) only fall. The "bright" class of the same images is the control: deleting the square lowers
+    its score, so its masks do move, into the square."""
     out = build_method("igos++", preset="fast", **SMALL).explain(ConstantNet(), images(2), torch.tensor([[0], [2]]))
     assert torch.equal(out, torch.zeros(2, 1, H, W))
-    out = build_method("igos++", preset="fast", **SMALL).explain(tiny_model(6), images(2), torch.tensor([[0], [5]]))
-    assert torch.equal(out, torch.zeros(2, 1, H, W))
+
+    region = torch.zeros(H, W)
+    region[4:12, 4:12] = 1
+    x = torch.full((3, 3, H, W), -1.0)  # a flat background, then two random ones in [-1, 0.5)
+    x[1:] = torch.rand(2, 3, H, W, generator=torch.Generator().manual_seed(0)) * 1.5 - 1
+    x[:, :, region.bool()] = 1.0
+    method = build_method("igos++", preset="fast")
+    # the premise, with the method's own baseline: deleting can only darken the region
+    baseline = gaussian_blur(x, scaled_sigma(method.blur_sigma, H), method.blur_truncate, padding="reflect")
+    diff = (x - baseline)[:, :, region.bool()]
+    assert diff.min() >= 0 and diff.max() > 0.1
+    classes = torch.tensor([[0, 1], [1, 0], [0, 1]])
+    out = method.explain(freeze(BrightnessNet(region)), x, classes)
+    assert torch.equal(out[classes == 1], torch.zeros(3, H, W))
+    bright = out[classes == 0]
+    _, inside, outside = region_scores(bright, region)
+    assert region.flatten()[bright.flatten(1).argmax(1)].bool().all()  # each map peaks in the square
+    assert (inside > outside + 0.4).all(), (inside, outside)
+
+
+def test_each_class_gets_the_quadrant_its_evidence_lies_in():
+    """TwoRegionNet: class 0's logit reads only the top-left quadrant, class 1's only the bottom-right one (equal
+    weights: ratio 1). Each class's map must put its mass in its own quadrant, in either slot of the row and when
+    the class is repeated; a method that explained one class for both would fail for the other. (gain 3: each
+    class reads 4 channels weighted 0.5-1, logits of about 0.45; x 3 makes deleting a quadrant gain more than the
+    L1 term costs, with the sigmoid far from saturation.)"""
+    model = freeze(TwoRegionNet(H, gain=3.0, ratio=1.0))
+    x = torch.randn(3, 3, H, W, generator=torch.Generator().manual_seed(1))
+    classes = torch.tensor([[0, 1], [1, 0], [0, 0]])
+    out = build_method("igos++", preset="fast").explain(model, x, classes)
+    for c, which in ((0, "top-left"), (1, "bottom-right")):
+        share_top, inside, outside = region_scores(out[classes == c], quadrant(H, which))
+        assert share_top.min() >= 0.9, (c, share_top)
+        assert (inside > outside + 0.3).all(), (c, inside, outside)
 
 
 def test_mass_lies_in_the_quadrant_the_model_reads():

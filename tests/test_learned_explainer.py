@@ -288,9 +288,14 @@ def test_training_end_to_end(name, tiny, tmp_path):
     info2 = cached.setup(_context(tiny, tmp_path / "a"))
     assert info2["trained_here"] is False and info2["checkpoint"] == info["checkpoint"]
     assert torch.equal(cached.explain(model, images, classes), masks)
-    # deterministic under the seed: training again elsewhere gives the same network
+    # deterministic under the seed: training again from scratch elsewhere gives the same network and masks, and
+    # another seed another network (the training machinery: test_learned_base.py, with a noisier tiny method)
     again = _method(name)
     info3 = again.setup(_context(tiny, tmp_path / "b"))
     assert info3["trained_here"] and info3["best_val_loss"] == info["best_val_loss"]
     for k, v in again._net.state_dict().items():
         assert torch.equal(v, method._net.state_dict()[k]), k
+    assert torch.equal(again.explain(model, images, classes), masks)
+    other = build_method(name, preset="fast", max_epochs=1, width=4, batch_size=16, seed=7)
+    assert other.setup(_context(tiny, tmp_path / "c"))["trained_here"]
+    assert not all(torch.equal(v, method._net.state_dict()[k]) for k, v in other._net.state_dict().items())

@@ -5,8 +5,9 @@ left out."""
 
 import pytest
 import torch
-from mb_testutils import make_batch, tiny_model
+from mb_testutils import TwoRegionNet, make_batch, quadrant, region_scores, tiny_model
 
+from maskbench.benchmark.classifiers import freeze
 from maskbench.benchmark.errors import MaskbenchError, MethodError, UnknownNameError
 from maskbench.methods import METHODS, build_method, check_masks, normalize_maps
 
@@ -95,13 +96,29 @@ def test_ground_truth_method_returns_the_class_masks(setup):
     assert out[2, 1].sum() == 0  # class 0 is not in image 2
 
 
-def test_gradcam_is_class_sensitive_and_normalised(setup):
-    model, batch, classes = setup
-    out = explain(build_method("gradcam"), model, batch, classes)
+@pytest.mark.parametrize("name", ["gradcam", "gradcam++"])
+def test_gradcam_is_class_sensitive_and_normalised(name):
+    """TwoRegionNet (mb_testutils): class 0's evidence lies only in the top-left quadrant, class 1's only in the
+    bottom-right one, and the two share no feature of the CAM layer. The map of class c, ReLU(sum_k w_k^c A^k),
+    weighs only class c's channels, which are zero outside its quadrant: class 0's map must lie in the top-left
+    quadrant and class 1's in the bottom-right one, whichever slot the class takes and when it is repeated.
+    A class-blind map (both classes' evidence, class 1's weighted 3x) would peak bottom-right for class 0 too.
+    Every map is min-max normalised: minimum 0, maximum 1."""
+    model = freeze(TwoRegionNet(H))
+    images = torch.randn(4, 3, H, W, generator=torch.Generator().manual_seed(0))
+    classes = torch.tensor([[0, 1], [1, 0], [0, 0], [1, 1]])
+    out = build_method(name).explain(model, images, classes)
+    assert out.shape == (4, 2, H, W) and out.min() >= 0 and out.max() <= 1
     flat = out.flatten(2)
-    nonconst = (flat.amax(2) - flat.amin(2)) > 0
-    assert torch.allclose(flat.amax(2)[nonconst], torch.ones_like(flat.amax(2)[nonconst]))
-    assert torch.allclose(flat.amin(2)[nonconst], torch.zeros_like(flat.amin(2)[nonconst]))
+    torch.testing.assert_close(flat.amax(2), torch.ones(4, 2), rtol=0, atol=1e-6)
+    torch.testing.assert_close(flat.amin(2), torch.zeros(4, 2), rtol=0, atol=1e-6)
+    for c, which in ((0, "top-left"), (1, "bottom-right")):
+        maps = out[classes == c]  # (4, H, W): every map of class c
+        region = quadrant(H, which)
+        share_top, inside, outside = region_scores(maps, region)
+        assert (share_top == 1).all(), (c, share_top)  # the top 10 % of each map's pixels lie in the quadrant
+        assert region.flatten()[maps.flatten(1).argmax(1)].bool().all(), c  # and so does the peak
+        assert (outside <= 0.01 * inside).all(), (c, inside, outside)  # (exactly 0 outside, before the resize)
 
 
 def test_normalize_maps_constant_and_range():
