@@ -9,7 +9,9 @@ Registered: ``smallcnn`` (trained from scratch on the synthetic set by maskbench
 ``vgg16`` / ``resnet50`` with multi-label heads as in Stalder et al. (NeurIPS 2022): torchvision ImageNet
 backbones, frozen, with a new head trained with BCE (VGG-16: 25088-4096-4096-C MLP with dropout, Adam 1e-5;
 ResNet-50: a linear layer, Adam 1e-4). Trained checkpoints are cached under the cache directory, keyed by
-data set, architecture and recipe, and loaded with ``torch.load(..., weights_only=True)``. While explained
+the data's content, architecture and recipe, and loaded with ``torch.load(..., weights_only=True)``; the
+classifier of the published default run ships in ``benchmark/checkpoints/`` and is looked up first, so every
+machine explains the same model (``--train-classifier`` trains one here instead). While explained
 or scored a classifier is always in ``eval()`` with ``requires_grad`` off (:func:`freeze`).
 """
 
@@ -63,8 +65,8 @@ class SmallCNN(Classifier):
     """A small, fast CNN for the synthetic set: four conv-BN-ReLU blocks, global average pool, linear.
 
     The first convolution has stride 2 and the first two blocks end in a 2x2 max-pool, so at 64 px the
-    last two blocks work at 8x8 (the last one is Grad-CAM's layer). About 45 k parameters; on 2 CPU cores it
-    classifies ~7,000 images/s, which is what lets perturbation methods run in the default CPU benchmark.
+    last two blocks work at 8x8 (the last one is Grad-CAM's layer). About 45 k parameters: small enough
+    for the perturbation methods to run in the default CPU benchmark (measured speeds: ``make perf``).
     """
 
     def __init__(self, num_classes: int, widths: tuple[int, ...] = (16, 32, 48, 64), dropout: float = 0.1,

@@ -31,10 +31,11 @@ holds the four published settings (``src/config_files/explainer_training/*.cfg``
 ``build_method("explainer", **Explainer.HYPERPARAMETERS["resnet50-voc"])``. The ``fast`` preset is the default
 CPU run on the 64 px synthetic set: the small encoder-decoder of :mod:`maskbench.methods.segnets`, the
 VGG16-VOC loss weights, Adam lr 3e-3, batch 32, always exactly 2000 optimiser steps (~13 epochs of the 4800
-training images; ~156 s on 2 idle CPU cores, longer on a busy machine, but the network is the same: no
-wall-clock cap shortens the training, see :mod:`maskbench.methods.learned`; an optional ``max_train_seconds``
-only pauses it, resumably). 1200 steps already reach test IoU ~78, but the class-specific masks need longer: the
-masking-table contrast was 59.7 after 1200 steps and 70.2 after 2000.
+training images; a busy machine takes longer, but the network is the same: no
+wall-clock cap shortens the training (measured times: the run's ``compute_time.csv``), see
+:mod:`maskbench.methods.learned`; an optional ``max_train_seconds`` only pauses it, resumably). 1200 steps
+already reach test IoU ~78, but the class-specific masks need longer: the masking-table contrast was 59.7 after
+1200 steps and 70.2 after 2000.
 
 Deviations from the public code (github.com/stevenstalder/NN-Explainer, commit 2e918ba), on purpose:
 

@@ -66,7 +66,7 @@ Differences from the reference code (github.com/khorrams/IGOS_pp, ``methods.iGOS
 fewer evaluations: 4 iterations of 3 integration steps, and a line search that tries 1000, 200, 40, 8, 1.6,
 0.32 and 0.064 (``ls_min_step=0.05``; on the synthetic set's classifier most accepted steps are 1.6 or 0.32,
 and the quadrant test model needs 0.064). Cost per pair: 48 forward+backward and 336 forward passes
-(1,200 pairs: 63 s on 2 idle CPU cores, ~100 s with other jobs running; the paper preset takes ~2-6 s a pair).
+(measured times: the run's ``compute_time.csv`` and ``make perf``).
 """
 
 from __future__ import annotations
