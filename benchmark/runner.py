@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,11 +128,12 @@ class _MethodRun:
     def __init__(self, session: _Session, method: Any):
         self.s, self.method, self.name = session, method, stored_name(method, session.config.preset)
         self.summary = MethodSummary(self.name, images=len(session.image_ids))
+        self.cache_key = method.cache_key()  # hashes the method's code: computed once
         metric_versions = {n: spec.version for n, spec in session.metric_specs.items()}
-        self.run_key = stable_hash({"method": method.cache_key(), "classifier": session.clf_key,
+        self.run_key = stable_hash({"method": self.cache_key, "classifier": session.clf_key,
                                     "data": session.data_key, "metrics": metric_versions})
         self.masks = MaskCache(session.cache / "masks" / session.data_key / session.clf_key
-                               / f"{self.name}-{method.cache_key()}")
+                               / f"{self.name}-{self.cache_key}")
         found = session.store.check(self.name)  # validated: damaged images are recomputed, never "undefined"
         self.summary.warnings += [f"damaged row, recomputed: {p}" for p in found.problems[:10]]
         rows = found.rows
@@ -153,7 +153,7 @@ class _MethodRun:
         self.timing = self.masks.load_timing()
         self.timing.setdefault("explain_seconds", 0.0)
         self.timing.setdefault("images", 0)
-        if self.same_key_as_before or previous.get("cache_key") == method.cache_key():
+        if self.same_key_as_before or previous.get("cache_key") == self.cache_key:
             self.summary.setup = dict(previous.get("setup", {}))  # a resumed run still reports its training
         self.is_setup = False
         self.warmed_up = False
@@ -168,7 +168,7 @@ class _MethodRun:
         m = self.method
         self.s.store.save_meta(self.name, {
             "method": self.name, "label": self.label(), "family": m.family, "paper": m.paper,
-            "preset": getattr(m, "preset", "paper"), "config": m.config(), "cache_key": m.cache_key(),
+            "preset": getattr(m, "preset", "paper"), "config": m.config(), "cache_key": self.cache_key,
             "run_key": self.run_key, "classifier_sha256": self.s.clf_key, "data_key": self.s.data_key,
             "code_hash": self.code_hash, "registered_name": m.name, "origin": type(m).__module__,
             "timing": self.timing, "setup": self.summary.setup, "complete": final and self.summary.failed == 0,
@@ -389,7 +389,7 @@ def prepare(config: RunConfig) -> _Session:
     ranks wait, then they load what it cached.
     """
     from maskbench.datasets import build_dataset
-    from maskbench.metrics import METRICS
+    from maskbench.metrics import METRICS, value_range
 
     from .classifiers import get_classifier
     from .preflight import check_run_folders
@@ -425,7 +425,7 @@ def prepare(config: RunConfig) -> _Session:
     if rank != 0:  # the folder rank 0 chose
         run_dir = locate_run_dir(config.run_dir(), identity)
     session = _Session(
-        config, datasets, test, image_ids, extra, model, device, cache, RowStore(run_dir, metric_range),
+        config, datasets, test, image_ids, extra, model, device, cache, RowStore(run_dir, value_range),
         {name: METRICS.get(name) for name in METRICS.list()}, data_key, clf_info["checkpoint_sha256"],
     )
     session.run_dir = run_dir
@@ -434,16 +434,6 @@ def prepare(config: RunConfig) -> _Session:
     session.guard = ModelGuard(model)
     session.threads = threads
     return session
-
-
-def metric_range(metric: str) -> tuple[float, float]:
-    """The valid range of a stored row's metric (``iou``, ``classmask/t1/m2``, the marker row)."""
-    from maskbench.metrics import METRICS
-
-    base = metric.split("/", 1)[0]
-    if metric == COMPLETE:
-        return 0.0, math.inf
-    return METRICS.get(base).valid_range if base in METRICS else (-math.inf, math.inf)
 
 
 def run_identity(config: RunConfig, data_key: str, image_ids: list[str], table_classes: list[int],
@@ -496,7 +486,7 @@ def run(config: RunConfig) -> RunResult:
             "name": config.dataset,
             "split": config.split,
             "images": len(image_ids),
-            "image_size": list(test.load(image_ids[0]).image.shape[-2:]) if image_ids else None,
+            "image_size": session.identity["image_size"],
             "table_classes": session.extra_classes,  # class indices of the class-specific masking table
             "fingerprint": data_key,
             "classes": test.classes,

@@ -108,11 +108,6 @@ class RowCheck:
 
     rows: pd.DataFrame
     problems: list[str] = field(default_factory=list)
-    damaged_images: set[str] = field(default_factory=set)
-
-
-def _base_metric(name: str) -> str:
-    return name.split("/", 1)[0]
 
 
 def validate_rows(df: pd.DataFrame, path: Path, valid_range: Callable[[str], tuple[float, float]] | None = None
@@ -138,25 +133,27 @@ def validate_rows(df: pd.DataFrame, path: Path, valid_range: Callable[[str], tup
     flag(df["image_id"].isna().to_numpy() | df["metric"].isna().to_numpy() | df["run_key"].isna().to_numpy(),
          "missing field")
     flag(np.isinf(df["value"].to_numpy()), "infinite value")
-    if valid_range is not None:
+    marker = (df["metric"] == COMPLETE).to_numpy()
+    if valid_range is not None:  # marker rows are checked by their count below
+        metrics = df["metric"].astype(str)
+        ranges = {m: valid_range(m) for m in metrics[~marker].unique()}
+        lo = metrics.map(lambda m: ranges.get(m, (-math.inf, math.inf))[0]).to_numpy(dtype=float)
+        hi = metrics.map(lambda m: ranges.get(m, (-math.inf, math.inf))[1]).to_numpy(dtype=float)
         v = df["value"].to_numpy()
-        lo = np.array([valid_range(m)[0] for m in df["metric"].astype(str)])
-        hi = np.array([valid_range(m)[1] for m in df["metric"].astype(str)])
         tol = 1e-4 * np.maximum(1.0, np.abs(np.where(np.isfinite(hi), hi, 0.0)))
-        flag(~np.isnan(v) & ((v < lo - tol) | (v > hi + tol)), "outside the metric's valid range")
+        flag(~marker & ~np.isnan(v) & ((v < lo - tol) | (v > hi + tol)), "outside the metric's valid range")
     dup = df.duplicated(["run_key", "image_id", "metric"], keep=False).to_numpy()
     flag(dup, "duplicate row")
-    marker = df["metric"] == COMPLETE
-    counts = df[~marker].groupby(["run_key", "image_id"]).size()
-    for i in np.flatnonzero(marker.to_numpy()):
-        key = (df["run_key"].iloc[i], df["image_id"].iloc[i])
-        expected = df["value"].iloc[i]
-        if not (expected == expected) or int(counts.get(key, 0)) != int(expected):
-            problems.append(f"{path}:{line[i]}: image {key[1]} has {int(counts.get(key, 0))} rows, its marker "
-                            f"says {df['value_raw'].iloc[i]} (rows deleted or added)")
-            bad.add(str(key[1]))
+    counts = df[~marker].groupby(["run_key", "image_id"]).size().rename("found")
+    markers = df[marker].join(counts, on=["run_key", "image_id"])
+    found = markers["found"].fillna(0).to_numpy()
+    wrong = ~(markers["value"].to_numpy() == found)  # a NaN marker is wrong too
+    for i, n in zip(np.flatnonzero(marker)[wrong], found[wrong], strict=True):
+        problems.append(f"{path}:{line[i]}: image {df['image_id'].iloc[i]} has {int(n)} rows, its marker "
+                        f"says {df['value_raw'].iloc[i]} (rows deleted or added)")
+    bad.update(markers.loc[wrong, "image_id"].astype(str))
     good = df[~df["image_id"].astype(str).isin(bad)].drop(columns="value_raw")
-    return RowCheck(good.reset_index(drop=True), problems, bad)
+    return RowCheck(good.reset_index(drop=True), problems)
 
 
 class RowStore:

@@ -84,10 +84,10 @@ def load_current_rows(run_dir: Path) -> StoredRun:
     to another run and is left out (listed in ``excluded``), so a table never mixes runs; so are rows of images
     the run does not promise.
     """
-    from maskbench.benchmark.runner import metric_range
+    from maskbench.metrics import value_range
 
     run_dir = Path(run_dir)
-    store = RowStore(run_dir, metric_range)
+    store = RowStore(run_dir, value_range)
     identity = read_identity(run_dir)
     image_ids = read_image_ids(run_dir)
     metas, frames, excluded = {}, [], {}

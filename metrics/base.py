@@ -46,6 +46,13 @@ class MetricSpec:
 METRICS: Registry = Registry("metric")
 
 
+def value_range(metric: str) -> tuple[float, float]:
+    """The valid range of a stored row's metric (``iou``, or a cell of a dict metric such as
+    ``classmask/t1/m2``): its registered ``valid_range``, unbounded for a metric that is not registered."""
+    base = metric.split("/", 1)[0]
+    return METRICS.get(base).valid_range if base in METRICS else (-math.inf, math.inf)
+
+
 def register_metric(
     name: str, *, higher_is_better: bool, table: str, label: str | None = None, version: str = "1",
     valid_range: tuple[float, float] = (-math.inf, math.inf),
