@@ -143,3 +143,20 @@ def quadrant_scores(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     top-left quadrant, and the map's mean inside and outside the quadrant."""
     h, w = masks.shape[-2:]
     return region_scores(masks, quadrant(h, "top-left", w))
+
+
+def tiny_synthetic(tmp_path_factory, n_test: int, seed: int):
+    """A small synthetic data set on disk (96 train / 24 val / ``n_test`` test images at 32 px) for runner tests."""
+    from maskbench.datasets import generate_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_synthetic(root, n_train=96, n_val=24, n_test=n_test, image_size=32, seed=seed)
+    return root
+
+
+def run_config(data_root, cache_dir, results, **kw):
+    """A RunConfig on that data with its own cache and results folders, no progress bars; ``kw`` overrides."""
+    from maskbench.benchmark.config import RunConfig
+
+    return RunConfig(**{"data_root": str(data_root), "cache_dir": str(cache_dir), "results_dir": str(results),
+                        "progress": False, **kw})

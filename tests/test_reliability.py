@@ -11,10 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from mb_testutils import tiny_model
+from mb_testutils import run_config, tiny_model, tiny_synthetic
 
 from maskbench.benchmark.cli import main
-from maskbench.benchmark.config import RunConfig
 from maskbench.benchmark.errors import MaskbenchError
 from maskbench.benchmark.guard import ModelGuard
 from maskbench.benchmark.provenance import code_hash
@@ -42,9 +41,7 @@ class TouchesModel(AttributionMethod):
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    generate_synthetic(root, n_train=96, n_val=24, n_test=12, image_size=32, seed=5)
-    return root
+    return tiny_synthetic(tmp_path_factory, n_test=12, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +50,7 @@ def cache_dir(tmp_path_factory):
 
 
 def config(data_root, cache_dir, results, **kw):
-    base = dict(data_root=str(data_root), cache_dir=str(cache_dir), results_dir=str(results), progress=False,
-                batch_size=4, methods=["gradcam"])
-    base.update(kw)
-    return RunConfig(**base)
+    return run_config(data_root, cache_dir, results, **{"batch_size": 4, "methods": ["gradcam"], **kw})
 
 
 # ------------------------------------------------------------------------------------------ 1. model guard

@@ -8,12 +8,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from mb_testutils import run_config, tiny_synthetic
 
 from maskbench.benchmark.cli import main
-from maskbench.benchmark.config import RunConfig
 from maskbench.benchmark.runner import run
 from maskbench.benchmark.tables import write_all_tables
-from maskbench.datasets import generate_synthetic
 from maskbench.methods import AttributionMethod, register_method
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,9 +40,7 @@ class Raises(AttributionMethod):
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    generate_synthetic(root, n_train=96, n_val=24, n_test=16, image_size=32, seed=3)
-    return root
+    return tiny_synthetic(tmp_path_factory, n_test=16, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +49,7 @@ def cache_dir(tmp_path_factory):
 
 
 def config(data_root, cache_dir, results, **kw):
-    base = dict(data_root=str(data_root), cache_dir=str(cache_dir), results_dir=str(results), progress=False,
-                batch_size=8)
-    base.update(kw)
-    return RunConfig(**base)
+    return run_config(data_root, cache_dir, results, **{"batch_size": 8, **kw})
 
 
 METHODS = ["constant-0", "constant-0.5", "constant-1", "ground-truth", "gradcam", "rise"]
