@@ -114,12 +114,13 @@ class RunConfig:
             raise MaskbenchError(f"--batch-size must be positive, got {self.batch_size}")
         check_image_size(self.image_size, "--image-size")
 
-    def run_label(self) -> str:
+    def run_label(self, classifier_sha256: str | None = None) -> str:
         """The results folder's name: the classifier, then what differs from the data set's default run.
 
         The default run (test split, every image, preset ``fast``, native size, default table classes and
         classifier, no overrides) is ``<model>``; a partial or different run gets its own folder, e.g.
         ``smallcnn-limit50`` or ``vgg16-split-val-paper``, so it never writes into the published results.
+        ``classifier_sha256``: the ``--checkpoint``'s hash when the caller has it (else the file is hashed).
         """
         from .storage import file_sha256, stable_hash
 
@@ -135,7 +136,8 @@ class RunConfig:
         if self.table_classes is not None:
             parts.append("classes-" + stable_hash(self.table_classes, 6))
         if self.checkpoint:
-            parts.append("ckpt-" + (file_sha256(self.checkpoint)[:8] if Path(self.checkpoint).is_file() else "x"))
+            sha = classifier_sha256 or (file_sha256(self.checkpoint) if Path(self.checkpoint).is_file() else "x")
+            parts.append("ckpt-" + sha[:8])
         elif self.train_classifier:
             parts.append("retrained")
         if self.method_params:
@@ -144,8 +146,8 @@ class RunConfig:
             parts.append(f"seed{self.seed}")
         return "-".join(parts)
 
-    def run_dir(self) -> Path:
-        return Path(self.results_dir) / self.dataset / (self.run_name or self.run_label())
+    def run_dir(self, classifier_sha256: str | None = None) -> Path:
+        return Path(self.results_dir) / self.dataset / (self.run_name or self.run_label(classifier_sha256))
 
     def resolved_table_classes(self) -> list[str] | str:
         if self.table_classes is not None:

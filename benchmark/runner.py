@@ -414,19 +414,19 @@ def prepare(config: RunConfig) -> _Session:
         config.model, datasets, train_key, test.num_classes, device, cache, config.checkpoint, config.progress,
         train_new=config.train_classifier,
     )
-    data_key = test.fingerprint()
-    identity = run_identity(config, data_key, image_ids, extra, clf_info["checkpoint_sha256"],
+    data_key, clf_sha = test.fingerprint(), clf_info["checkpoint_sha256"]
+    identity = run_identity(config, data_key, image_ids, extra, clf_sha,
                             list(test.load(image_ids[0]).image.shape[-2:]) if image_ids else None)
     if rank == 0:
-        run_dir = resolve_run_dir(config.run_dir(), identity, image_ids, named=config.run_name is not None,
+        run_dir = resolve_run_dir(config.run_dir(clf_sha), identity, image_ids, named=config.run_name is not None,
                                   overwrite=config.overwrite)
     if world > 1 and rank == 0:
         torch.distributed.barrier()
     if rank != 0:  # the folder rank 0 chose
-        run_dir = locate_run_dir(config.run_dir(), identity)
+        run_dir = locate_run_dir(config.run_dir(clf_sha), identity)
     session = _Session(
         config, datasets, test, image_ids, extra, model, device, cache, RowStore(run_dir, value_range),
-        {name: METRICS.get(name) for name in METRICS.list()}, data_key, clf_info["checkpoint_sha256"],
+        {name: METRICS.get(name) for name in METRICS.list()}, data_key, clf_sha,
     )
     session.run_dir = run_dir
     session.identity = identity
