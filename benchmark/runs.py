@@ -29,8 +29,9 @@ RUN_FILE = "run.json"
 GENERATED = ("per_image", "manifest.json", "diagnostics.csv", RUN_FILE)  # plus the table files *.csv / *.tex
 
 
-def read_identity(run_dir: Path) -> dict[str, Any] | None:
-    """The identity stored in a run folder, None when there is none (a new or pre-identity folder)."""
+def read_run(run_dir: Path) -> dict[str, Any] | None:
+    """A run folder's ``run.json`` (``identity`` and ``image_ids``), None when there is none (a new or
+    pre-identity folder); a damaged one is an error naming it."""
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
         return None
@@ -41,7 +42,13 @@ def read_identity(run_dir: Path) -> dict[str, Any] | None:
             from None
     if not isinstance(data, dict) or "identity" not in data:
         raise MaskbenchError(f"{path} is not a maskbench run file (no 'identity'). Delete it and rerun.")
-    return data["identity"]
+    return data
+
+
+def read_identity(run_dir: Path) -> dict[str, Any] | None:
+    """The identity stored in a run folder, None when there is none."""
+    data = read_run(run_dir)
+    return data["identity"] if data is not None else None
 
 
 def _holds_results(run_dir: Path) -> bool:
@@ -70,13 +77,6 @@ def _clear(run_dir: Path) -> None:
             p.unlink(missing_ok=True)
     for p in list(run_dir.glob("*.csv")) + list(run_dir.glob("*.tex")):
         p.unlink()
-
-
-def read_image_ids(run_dir: Path) -> list[str] | None:
-    """The images a run promises (every method is scored on them), None without a ``run.json``."""
-    if read_identity(run_dir) is None:
-        return None
-    return [str(i) for i in read_json(Path(run_dir) / RUN_FILE).get("image_ids", [])]
 
 
 def alternative_dir(run_dir: Path, identity: dict[str, Any]) -> Path:

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .latex import escape, matrix_latex, plain_latex, statistics_latex
-from .runs import read_identity, read_image_ids
+from .runs import read_run
 from .stats import (
     LEVEL,
     RESAMPLES,
@@ -47,7 +47,7 @@ from .stats import (
     statistics_table,
 )
 from .storage import atomic_write, read_json
-from .store import RowStore, StoredDataError
+from .store import COMPLETE, RowStore, StoredDataError
 
 FAMILY_ORDER = ["classifier", "reference", "gradient", "perturbation", "learned", "plugin", ""]
 REFERENCE_ORDER = ["constant-0", "constant-0.5", "constant-1", "ground-truth", "centre-gaussian", "random-uniform"]
@@ -88,8 +88,9 @@ def load_current_rows(run_dir: Path) -> StoredRun:
 
     run_dir = Path(run_dir)
     store = RowStore(run_dir, value_range)
-    identity = read_identity(run_dir)
-    image_ids = read_image_ids(run_dir)
+    run = read_run(run_dir)  # the images the run promises and what its rows must have been computed with
+    identity = run["identity"] if run is not None else None
+    image_ids = [str(i) for i in run.get("image_ids", [])] if run is not None else None
     metas, frames, excluded = {}, [], {}
     for stem in store.methods():
         meta = store.load_meta(stem)
@@ -234,11 +235,11 @@ def diagnostics(rows: pd.DataFrame, metas: dict[str, dict]) -> pd.DataFrame:
         if r.empty:
             continue
         sums = r.groupby("metric")["value"].sum()
-        scalar = r[~r["metric"].str.contains("/") & (r["metric"] != "_complete")]
+        scalar = r[~r["metric"].str.contains("/") & (r["metric"] != COMPLETE)]
         undefined = scalar.groupby("metric")["value"].apply(lambda v: int(v.isna().sum()))
         recs.append({
             "method": m, "label": metas[m].get("label", m), "family": metas[m].get("family", ""),
-            "images": int((r["metric"] == "_complete").sum()),
+            "images": int((r["metric"] == COMPLETE).sum()),
             "constant_maps": int(sums.get("pointing/constant", 0)),
             "tied_maxima": int(sums.get("pointing/tied", 0)),
             "empty_ground_truth": int(sums.get("pointing/no_gt", 0)),
@@ -354,7 +355,7 @@ def write_tables(run_dir: Path, *, resamples: int = RESAMPLES, seed: int = SEED,
     presets = sorted({meta.get("preset", "") for meta in metas.values()
                       if meta.get("family") != "reference" and meta.get("preset")})
     n_images = (len(stored.image_ids) if stored.image_ids is not None
-                else rows.loc[rows["metric"] == "_complete", "image_id"].nunique())
+                else rows.loc[rows["metric"] == COMPLETE, "image_id"].nunique())
     where = (f"{escape(dataset)}, {escape(model)}, {n_images} images, preset {', '.join(presets) or '-'}")
     ci_note = (rf"$\pm$: half-width of the {int(LEVEL * 100)}\% bootstrap interval over images ({resamples} "
                rf"resamples, seed {seed}); " if ci else "")
@@ -362,7 +363,7 @@ def write_tables(run_dir: Path, *, resamples: int = RESAMPLES, seed: int = SEED,
                  r"Rows above the first rule are references.")
     diag = diagnostics(rows, metas)
     run_images = stored.image_ids if stored.image_ids is not None else sorted(set(rows["image_id"]))
-    scored = {m: set(g) for m, g in rows.loc[rows["metric"] == "_complete"].groupby("method")["image_id"]}
+    scored = {m: set(g) for m, g in rows.loc[rows["metric"] == COMPLETE].groupby("method")["image_id"]}
     written: list[Path] = [atomic_write(run_dir / "diagnostics.csv", _csv(diag))]
 
     all_rows, all_metas = _with_unmasked(rows, metas)
