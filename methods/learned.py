@@ -279,23 +279,26 @@ class LearnedMethod(AttributionMethod):
         progress_path = path.with_name(f"{path.stem}.progress.pt")
         train, val = ctx.datasets("train"), ctx.datasets("val")
         image_size = int(train[0].image.shape[-1])
-        torch.manual_seed(self.seed)
-        net = self.build_network(ctx.num_classes, image_size, ctx.model).to(ctx.device)
+
+        def fresh() -> nn.Module:  # the seeded initial network a training starts from
+            torch.manual_seed(self.seed)
+            return self.build_network(ctx.num_classes, image_size, ctx.model).to(ctx.device)
+
+        net = fresh()
         rank = _dist()[0]
-        meta, state = None, None
+        meta = None
         if path.is_file() and meta_path.is_file():
             try:  # a damaged checkpoint or record costs one retraining, never the run
                 meta = read_json(meta_path)
-                state = torch.load(path, map_location=ctx.device, weights_only=True)
-                net.load_state_dict(state)
+                if "time_budget" in (meta.get("stopped"), meta.get("filter_stopped")):
+                    meta = None  # cut short by the former wall-clock cap: fewer steps than its budget, train again
+                else:
+                    net.load_state_dict(torch.load(path, map_location=ctx.device, weights_only=True))
             except Exception as exc:
                 print(f"maskbench: {self.name}: damaged cached network {path} ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0] if str(exc) else ''}); training it again", file=sys.stderr)
                 meta = None
-                torch.manual_seed(self.seed)
-                net = self.build_network(ctx.num_classes, image_size, ctx.model).to(ctx.device)
-        if meta is not None and "time_budget" in (meta.get("stopped"), meta.get("filter_stopped")):
-            meta = None  # cut short by the former wall-clock cap: fewer steps than its budget, train it again
+                net = fresh()  # a partly loaded state must not be the start of the new training
         if meta is not None:
             info = {**meta, "trained_here": False}
             if rank == 0:  # left over when interrupted between the final checkpoint and its deletion

@@ -251,9 +251,12 @@ def test_a_checkpoint_cut_short_by_the_former_wall_clock_cap_is_trained_again(da
     meta = Path(info["checkpoint"]).with_suffix(".json")
     record = json.loads(meta.read_text())
     meta.write_text(json.dumps({**record, "stopped": "time_budget"}))
+    first = {k: v.clone() for k, v in method._net.state_dict().items()}
     again = build_method("test-tiny-learned", max_epochs=1)
     assert again.setup(context(data_root, tmp_path, model))["trained_here"]
     assert json.loads(meta.read_text())["stopped"] == "max_epochs"
+    # trained again from the seeded initial network, not from the cut-short weights: the same network as before
+    assert all(torch.equal(first[k], v) for k, v in again._net.state_dict().items())
 
 
 def test_distributed_training_resumes_from_rank_0s_progress(data_root, tmp_path):
