@@ -3,7 +3,7 @@
 Kept import-light: nothing here imports torch until a submodule that needs it is imported.
 """
 
-from .errors import DataError, MaskbenchError, MethodError, UnknownNameError
-from .registry import Registry, import_plugin
+from maskbench.core.errors import DataError, MaskbenchError, MethodError, UnknownNameError
+from maskbench.core.registry import Registry, import_plugin
 
 __all__ = ["DataError", "MaskbenchError", "MethodError", "Registry", "UnknownNameError", "import_plugin"]

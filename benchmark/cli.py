@@ -18,9 +18,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from maskbench.core.errors import MaskbenchError
+from maskbench.core.registry import import_plugin
+
 from .config import DEFAULT_METHODS, PRESETS, RunConfig
-from .errors import MaskbenchError
-from .registry import import_plugin
 
 EXAMPLES = """examples:
   maskbench bench                                   # the default benchmark (synthetic, smallcnn, fast preset)
@@ -270,7 +271,7 @@ def _cmd_list(kind: str) -> int:
     if kind == "datasets":
         from maskbench.datasets import DATASETS as reg
     elif kind == "models":
-        from .classifiers import CLASSIFIERS as reg
+        from maskbench.classifiers import CLASSIFIERS as reg
     else:
         from maskbench.metrics import METRICS as reg
     for name in reg.list():

@@ -10,31 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MaskbenchError, UnknownNameError
-
-# Valid square image sides (``--image-size``, the data set builders' ``image_size``, the synthetic generator's
-# resolution). 16 px is the smallest side at which ``smallcnn`` (stride 8) still has a 2 x 2 Grad-CAM layer and
-# the synthetic generator can draw its shapes; 4096 px bounds memory (one 4096 px float32 image is 200 MB, and the
-# methods hold many perturbed copies). Larger classifiers need more (VGG16 and ResNet-50 stride 32).
-MIN_IMAGE_SIZE = 16
-MAX_IMAGE_SIZE = 4096
-
-
-class InvalidOptionError(MaskbenchError, ValueError):
-    """An option with a value outside its valid range: the message names the option, the value and the range."""
-
-
-def check_image_size(value: object, option: str = "image_size") -> int | None:
-    """``value`` if it is None (native size) or an int in [MIN_IMAGE_SIZE, MAX_IMAGE_SIZE]; else InvalidOptionError."""
-    if value is None:
-        return None
-    valid = isinstance(value, int) and not isinstance(value, bool) and MIN_IMAGE_SIZE <= value <= MAX_IMAGE_SIZE
-    if not valid:
-        raise InvalidOptionError(
-            f"{option} must be an int in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] (pixels per side) or unset for the "
-            f"data set's native size, got {value!r}."
-        )
-    return value
+from maskbench.core.errors import MaskbenchError, UnknownNameError
+from maskbench.datasets.base import check_image_size
 
 # The default benchmark: reference rows first (the sanity rows of Table 2), then the methods.
 REFERENCE_METHODS = [
@@ -122,7 +99,7 @@ class RunConfig:
         ``smallcnn-limit50`` or ``vgg16-split-val-paper``, so it never writes into the published results.
         ``classifier_sha256``: the ``--checkpoint``'s hash when the caller has it (else the file is hashed).
         """
-        from .storage import file_sha256, stable_hash
+        from maskbench.core.storage import file_sha256, stable_hash
 
         parts = [str(self.model)]
         if self.split != "test":

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .storage import atomic_write, write_json
+from maskbench.core.storage import atomic_write, write_json
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -373,11 +373,10 @@ PAIRS = [
 
 def _load(config: PerfConfig) -> tuple[nn.Module, Tensor, Tensor, torch.device, dict[str, Any]]:
     """The benchmark's classifier and the first images of the test split, with each image's top class."""
+    from maskbench.classifiers import get_classifier
+    from maskbench.core.device import resolve_device
+    from maskbench.core.storage import cache_root
     from maskbench.datasets import build_dataset, collate
-
-    from .classifiers import get_classifier
-    from .device import resolve_device
-    from .storage import cache_root
 
     device = resolve_device(config.device)
     cache = Path(config.cache_dir) if config.cache_dir else cache_root()
@@ -388,7 +387,7 @@ def _load(config: PerfConfig) -> tuple[nn.Module, Tensor, Tensor, torch.device, 
     test = datasets("test")
     n = max(config.images, *config.scaling)
     if config.untrained:  # timing only: the papers' classifier size without weights to download
-        from .classifiers import build_classifier, freeze
+        from maskbench.classifiers import build_classifier, freeze
 
         options = {"pretrained_backbone": False} if config.model != "smallcnn" else {}
         model = freeze(build_classifier(config.model, test.num_classes, **options)).to(device)
@@ -523,7 +522,7 @@ def run_perf(config: PerfConfig) -> dict[str, Path]:
 
 def _write(out_dir: Path, rows: list[dict[str, Any]], scaling: list[dict[str, Any]], config: PerfConfig,
            device: torch.device, data: dict[str, Any]) -> dict[str, Path]:
-    from .provenance import git_revision
+    from maskbench.core.provenance import git_revision
 
     cols = ["method", "variant", "reference", "images", "classes_per_image", "ours_seconds", "ours_images_per_s",
             "ref_seconds", "ref_images_per_s", "speedup", "ours_peak_mb", "ref_peak_mb", "bare_seconds",

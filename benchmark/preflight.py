@@ -3,7 +3,7 @@
 A results or cache folder that cannot be written, or a disk that is nearly full, used to be found only when
 the first file was written at the very end of a run. :func:`check_run_folders` (called at the start of the
 runner's ``prepare``) creates both folders if needed, writes and removes a probe file in each (through
-:func:`~maskbench.benchmark.storage.atomic_write`, as every real write) and checks the free space with
+:func:`~maskbench.core.storage.atomic_write`, as every real write) and checks the free space with
 :func:`shutil.disk_usage`, so the error comes in the first second and names the folder, the option that sets it
 and the free space found.
 
@@ -21,8 +21,8 @@ import shutil
 import uuid
 from pathlib import Path
 
-from .errors import MaskbenchError
-from .storage import atomic_write
+from maskbench.core.errors import MaskbenchError
+from maskbench.core.storage import atomic_write
 
 MIN_FREE_CACHE_BYTES = 200 * 1024**2
 MIN_FREE_RESULTS_BYTES = 20 * 1024**2

@@ -1,7 +1,7 @@
 """The runner: wires data set -> classifier -> methods -> masks (cached) -> metrics (per-image rows) -> tables.
 
 Nothing else in maskbench knows about every component. Resuming: a (method, image) pair whose rows exist
-under the current run key (and pass validation, :func:`~maskbench.benchmark.store.validate_rows`) is skipped
+under the current run key (and pass validation, :func:`~maskbench.core.store.validate_rows`) is skipped
 without loading anything; a pair whose masks are cached is scored from the cache; only the rest is explained.
 Failures (a method raising, NaN maps) are counted per method, listed in the manifest, and never turned into
 numbers. The run writes to the folder of its identity (:mod:`maskbench.benchmark.runs`); the explained model is
@@ -22,15 +22,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from maskbench.core.device import resolve_device, synchronize
+from maskbench.core.errors import MaskbenchError, ModelChangedError, TrainingIncomplete, UnknownNameError
+from maskbench.core.provenance import code_hash, git_revision, library_versions
+from maskbench.core.registry import import_plugin
+from maskbench.core.storage import cache_root, stable_hash, write_json
+from maskbench.core.store import COMPLETE, MaskCache, RowStore, rows_from_values, with_markers
+
 from .config import RunConfig
-from .device import resolve_device, synchronize
-from .errors import MaskbenchError, ModelChangedError, TrainingIncomplete, UnknownNameError
 from .guard import ModelGuard
-from .provenance import code_hash, git_revision, library_versions
-from .registry import import_plugin
 from .runs import claim_run_dir, locate_run_dir, resolve_run_dir
-from .storage import cache_root, stable_hash, write_json
-from .store import COMPLETE, MaskCache, RowStore, rows_from_values, with_markers
 from .threads import apply_threads
 
 SAVE_EVERY_SECONDS = 20.0
@@ -388,10 +389,10 @@ def prepare(config: RunConfig) -> _Session:
     Under ``torch.distributed`` rank 0 prepares first (generating data, training the classifier) while the other
     ranks wait, then they load what it cached.
     """
+    from maskbench.classifiers import get_classifier
     from maskbench.datasets import build_dataset
     from maskbench.metrics import METRICS, value_range
 
-    from .classifiers import get_classifier
     from .preflight import check_run_folders
 
     threads = apply_threads(config.threads)

@@ -22,8 +22,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .errors import MaskbenchError
-from .storage import read_json, stable_hash, write_json
+from maskbench.core.errors import MaskbenchError
+from maskbench.core.storage import read_json, stable_hash, write_json
 
 RUN_FILE = "run.json"
 GENERATED = ("per_image", "manifest.json", "diagnostics.csv", RUN_FILE)  # plus the table files *.csv / *.tex

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from .errors import MaskbenchError
-from .storage import atomic_write
+from maskbench.core.errors import MaskbenchError
+from maskbench.core.storage import atomic_write
 
 
 def _cpu_times() -> tuple[float, float] | None:

@@ -21,9 +21,10 @@ from typing import Any
 
 import pandas as pd
 
+from maskbench.core.errors import MaskbenchError
+from maskbench.core.storage import atomic_write, read_json
+
 from .config import RunConfig
-from .errors import MaskbenchError
-from .storage import atomic_write, read_json
 
 STAT_TABLES = ("segmentation", "faithfulness", "explainability", "pointing", "class_contrast", "masked_classifier")
 ROUNDING = 5e-5  # the CSVs keep 4 decimals

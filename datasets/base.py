@@ -24,10 +24,32 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from maskbench.benchmark.registry import Registry
+from maskbench.core.errors import InvalidOptionError
+from maskbench.core.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Valid square image sides (``--image-size``, the data set builders' ``image_size``, the synthetic generator's
+# resolution). 16 px is the smallest side at which ``smallcnn`` (stride 8) still has a 2 x 2 Grad-CAM layer and
+# the synthetic generator can draw its shapes; 4096 px bounds memory (one 4096 px float32 image is 200 MB, and the
+# methods hold many perturbed copies). Larger classifiers need more (VGG16 and ResNet-50 stride 32).
+MIN_IMAGE_SIZE = 16
+MAX_IMAGE_SIZE = 4096
+
+
+def check_image_size(value: object, option: str = "image_size") -> int | None:
+    """``value`` if it is None (native size) or an int in [MIN_IMAGE_SIZE, MAX_IMAGE_SIZE]; else InvalidOptionError."""
+    if value is None:
+        return None
+    valid = isinstance(value, int) and not isinstance(value, bool) and MIN_IMAGE_SIZE <= value <= MAX_IMAGE_SIZE
+    if not valid:
+        raise InvalidOptionError(
+            f"{option} must be an int in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] (pixels per side) or unset for the "
+            f"data set's native size, got {value!r}."
+        )
+    return value
+
 
 
 @dataclass

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 
-from ..benchmark.config import check_image_size
-from ..benchmark.errors import DataError
-from .base import DATASETS, AttributionDataset, Sample
+from maskbench.core.errors import DataError
+
+from .base import DATASETS, AttributionDataset, Sample, check_image_size
 from .voc import _root_from_env, image_to_tensor, load_rgb, output_size, resize_nearest, resize_rgb
 
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from maskbench.benchmark.storage import atomic_write, cache_root
+from maskbench.core.storage import atomic_write, cache_root
 
 MEMO_VERSION = 1
 RACY_SECONDS = 2.0

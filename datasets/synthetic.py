@@ -62,9 +62,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from ..benchmark.config import InvalidOptionError, check_image_size
-from ..benchmark.errors import DataError
-from .base import DATASETS
+from maskbench.core.errors import DataError, InvalidOptionError
+
+from .base import DATASETS, check_image_size
 from .coco import COCODataset
 from .digests import memo_dir
 from .voc import VOCDataset

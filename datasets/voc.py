@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..benchmark.config import check_image_size
-from ..benchmark.errors import DataError
-from .base import DATASETS, AttributionDataset, Sample
+from maskbench.core.errors import DataError
+
+from .base import DATASETS, AttributionDataset, Sample, check_image_size
 
 VOC_CLASSES: list[str] = [
     "aeroplane",

@@ -33,7 +33,7 @@ class InputXGradient(AttributionMethod):
 
 
 if __name__ == "__main__":  # a quick self-check on random input
-    from maskbench.benchmark.classifiers import SmallCNN, freeze
+    from maskbench.classifiers import SmallCNN, freeze
 
     model = freeze(SmallCNN(3))
     masks = InputXGradient().explain(model, torch.randn(2, 3, 32, 32), torch.tensor([[0, 1], [2, 2]]))

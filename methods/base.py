@@ -33,10 +33,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from maskbench.benchmark.errors import MaskbenchError, MethodError, UnknownNameError
-from maskbench.benchmark.provenance import code_hash
-from maskbench.benchmark.registry import Registry
-from maskbench.benchmark.storage import stable_hash
+from maskbench.core.errors import MaskbenchError, MethodError, UnknownNameError
+from maskbench.core.provenance import code_hash
+from maskbench.core.registry import Registry
+from maskbench.core.storage import stable_hash
 
 
 def _adopt_entry_point(name: str, obj: Any) -> Any:

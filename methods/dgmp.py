@@ -44,7 +44,7 @@ Choices and deviations (each with its reason):
    ImageNet objects recognisable. The width scales with the image (:func:`scaled_sigma`: 2.86 px at 64 px),
    zero padding in normalised space (the border fades to the mean colour). The random colour image is D&G's
    (:func:`colour_noise`: N(0, 0.11^2) noise plus a U(-0.33, 0.33) offset per channel, in normalised units).
-   Both come from :mod:`maskbench.methods.perturbations`. Every random choice (which substrate, colours,
+   Both come from :mod:`maskbench.core.images`. Every random choice (which substrate, colours,
    noise) is drawn from the ``generator`` passed by the training loop, so the validation loss is
    deterministic.
 3. **Feature-filter pretraining** (App. A.1, "two-stage scheme" of Sec. 4). Before the decoder is trained,
@@ -58,7 +58,7 @@ Choices and deviations (each with its reason):
    resumed exactly like the decoder's training (:class:`~maskbench.methods.learned.TrainingProgress`, stage
    ``"filter"``; once it has finished, its record travels in the decoder's progress file and it is not run
    again); it counts against ``max_train_seconds`` (one invocation's wall time: progress saved, then
-   :class:`~maskbench.benchmark.errors.TrainingIncomplete`). Re-running it instead of resuming it would be
+   :class:`~maskbench.core.errors.TrainingIncomplete`). Re-running it instead of resuming it would be
    deterministic too, but not cheap in the ``paper`` preset (3,907 steps). Its record is in the manifest
    (``filter_*``).
 4. **Basic transformer range.** ``ReLU(z)`` is unbounded; training uses it as the paper writes it (``phi``
@@ -99,12 +99,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskbench.benchmark.errors import MaskbenchError
+from maskbench.core.errors import MaskbenchError
+from maskbench.core.images import colour_noise, gaussian_kernel1d, scaled_sigma
 from maskbench.datasets.base import SplitView
 
 from .base import MethodContext, register_method
 from .learned import LearnedMethod, TrainingProgress, clock, random_state, set_random_state
-from .perturbations import colour_noise, gaussian_kernel1d, scaled_sigma
 
 PAPER = ("Distribution-Guided Local Explanation for Black-Box Classifiers (ICLR submission), after Dabkowski & Gal, "
          "NeurIPS 2017")
@@ -200,7 +200,7 @@ def fine_tune_scores(scores: Tensor, q: Tensor, positions: Tensor) -> Tensor:
 def blur_matrix(n: int, sigma: float, *, dtype: torch.dtype = torch.float32,
                 device: torch.device | str | None = None) -> Tensor:
     """(n, n) matrix B with ``B @ v`` = the 1-D Gaussian blur of ``v`` with zero padding (kernel of
-    :func:`~maskbench.methods.perturbations.gaussian_kernel1d`, truncated at 4 sigma)."""
+    :func:`~maskbench.core.images.gaussian_kernel1d`, truncated at 4 sigma)."""
     k = gaussian_kernel1d(sigma, dtype=torch.float64)
     r = (k.numel() - 1) // 2
     offset = torch.arange(n)[None, :] - torch.arange(n)[:, None]  # j - i
@@ -211,8 +211,8 @@ def blur_matrix(n: int, sigma: float, *, dtype: torch.dtype = torch.float32,
 
 def blur(images: Tensor, sigma: float) -> Tensor:
     """Separable Gaussian blur of (B, C, H, W) images, zero padding; same result as
-    ``perturbations.gaussian_blur(images, sigma)`` but as two matrix products (``B_h X B_w^T``), which on the
-    CPU is ~25x faster than the two 1-D convolutions for 64 px images."""
+    ``maskbench.core.images.gaussian_blur(images, sigma)`` but as two matrix products (``B_h X B_w^T``), which
+    on the CPU is much faster than the two 1-D convolutions at small image sizes."""
     if sigma <= 0:
         return images
     h, w = images.shape[-2:]

@@ -21,12 +21,13 @@ min-max normalisation to [0, 1]. Channel reduction, stated per method:
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from maskbench.core.images import generator, image_seed
 
 from .base import (
     AttributionMethod,
@@ -117,9 +118,7 @@ class SmoothGrad(_GradientMethod):
         """(B, samples, 3, H, W) standard normal noise, seeded per image."""
         out = []
         for img in images:
-            digest = hashlib.sha256(img.detach().cpu().numpy().tobytes()).digest()[:8]
-            gen = torch.Generator().manual_seed(self.seed ^ int.from_bytes(digest, "little"))
-            out.append(torch.randn(self.samples, *img.shape, generator=gen))
+            out.append(torch.randn(self.samples, *img.shape, generator=generator(image_seed(img, self.seed))))
         return torch.stack(out).to(images.device)
 
     def explain(self, model: nn.Module, images: Tensor, classes: Tensor, *, batch: Any = None) -> Tensor:

@@ -71,7 +71,6 @@ and the quadrant test model needs 0.064). Cost per pair: 48 forward+backward and
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,8 +79,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskbench.core.images import REFERENCE_SIZE, gaussian_blur, image_seed, scaled_sigma
+from maskbench.core.scores import SCORES, class_score
+
 from .base import AttributionMethod, check_choice, check_range, hyperparameter_error, normalize_maps, register_method
-from .perturbations import REFERENCE_SIZE, gaussian_blur, scaled_sigma
 
 PATH_SIGNS = (1.0, -1.0, 1.0, -1.0)  # D(M_c), -I(M_c), D(M_d), -I(M_i)
 
@@ -150,15 +151,6 @@ def armijo_line_search(objective: Callable[[Sequence[Tensor]], Tensor], masks: S
     return chosen
 
 
-def image_seeds(images: Tensor, seed: int) -> list[int]:
-    """One seed per image for a CPU generator: ``seed`` mixed with a hash of the image's bytes."""
-    out = []
-    for img in images:
-        digest = hashlib.sha256(img.detach().float().cpu().numpy().tobytes()).digest()[:8]
-        out.append(seed ^ int.from_bytes(digest, "little"))
-    return out
-
-
 @register_method("igos++")
 @dataclass
 class IGOSPlusPlus(AttributionMethod):
@@ -201,20 +193,9 @@ class IGOSPlusPlus(AttributionMethod):
         check_range(self, "btv_sigma", 0, low_open=True)
         check_range(self, "blur_sigma", 0, low_open=True)
         check_range(self, "blur_truncate", 0, low_open=True)
-        check_choice(self, "score", ("sigmoid", "softmax", "logit"))
+        check_choice(self, "score", SCORES)
         check_range(self, "max_batch", 1)
         check_range(self, "seed", 0)
-
-    def _scores(self, logits: Tensor, target: Tensor) -> Tensor:
-        if self.score == "sigmoid":
-            out = torch.sigmoid(logits)
-        elif self.score == "softmax":
-            out = torch.softmax(logits, dim=-1)
-        elif self.score == "logit":
-            out = logits
-        else:
-            raise ValueError(f"iGOS++ score must be sigmoid, softmax or logit, not {self.score!r}")
-        return out.gather(1, target[:, None])[:, 0]
 
     def explain(self, model: nn.Module, images: Tensor, classes: Tensor, *, batch: Any = None) -> Tensor:
         b, k = classes.shape
@@ -225,7 +206,7 @@ class IGOSPlusPlus(AttributionMethod):
         side = (max(2, round(self.size * h / REFERENCE_SIZE)), max(2, round(self.size * w / REFERENCE_SIZE)))
         blurred = gaussian_blur(images, scaled_sigma(self.blur_sigma, h), self.blur_truncate, padding="reflect")
         weight_y, weight_x = bilateral_weights(images, self.btv_sigma)
-        seeds = image_seeds(images, self.seed)
+        seeds = [image_seed(img, self.seed) for img in images]
         owner = [i // k for i in range(b * k)]  # image-major rows, on the host: no synchronisation
         target = classes.reshape(-1).to(images.device)
         rows = max(1, self.max_batch // (4 * self.ig_iter))
@@ -259,7 +240,7 @@ class IGOSPlusPlus(AttributionMethod):
             up_d, up_i = upsample(md, (h, w)), upsample(mi, (h, w))
             m = torch.stack([up_d * up_i, up_d * up_i, up_d, up_i], 1)[:, :, None]  # (N, 4, 1, 1, H, W)
             composed = start + sign * frac * m * diff + noise  # deletion: b + aM(x-b); insertion: x - aM(x-b)
-            s = self._scores(model(composed.flatten(0, 2)).float(), tgt).view(n, 4, t)
+            s = class_score(model(composed.flatten(0, 2)).float(), tgt, self.score).view(n, 4, t)
             return (s.mean(2) * sign.view(1, 4)).sum(1)
 
         def objective(masks: Sequence[Tensor], noise: Tensor) -> Tensor:

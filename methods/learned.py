@@ -24,7 +24,7 @@ the epochs without improvement and the history (see :class:`TrainingProgress`). 
 no finished checkpoint exists, and the finished network is the same as an uninterrupted training's (same
 device and library versions); the file is deleted once the final checkpoint is written.
 ``max_train_seconds`` (optional, None in every preset) limits the wall time of one invocation: when training
-runs over it, the progress is saved and :class:`~maskbench.benchmark.errors.TrainingIncomplete` is raised
+runs over it, the progress is saved and :class:`~maskbench.core.errors.TrainingIncomplete` is raised
 (the same command resumes it); a network trained for fewer steps than its budget is never returned. Neither
 ``checkpoint_every`` nor ``max_train_seconds`` is part of the training key (:data:`TRAINING_FIELDS`).
 
@@ -40,7 +40,6 @@ BatchNorm statistics are not updated (the NeurIPS 2022 code let PyTorch Lightnin
 
 from __future__ import annotations
 
-import io
 import math
 import sys
 import time
@@ -51,8 +50,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from maskbench.benchmark.errors import MaskbenchError, TrainingIncomplete
-from maskbench.benchmark.storage import atomic_write, read_json, stable_hash, write_json
+from maskbench.core.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from maskbench.core.errors import MaskbenchError, TrainingIncomplete
+from maskbench.core.storage import read_json, stable_hash, write_json
 from maskbench.datasets.base import SplitView
 
 from .base import AttributionMethod, MethodContext
@@ -108,7 +108,7 @@ class TrainingProgress:
     ``state`` (what every process shares: network, optimiser, counters, ...), ``ranks`` (one entry per process:
     what may differ between processes, such as the random states and partial loss sums) and ``records`` (the
     records of the stages already finished, e.g. DGMP's filter stage). Rank 0 writes it atomically
-    (:func:`~maskbench.benchmark.storage.atomic_write`), so an interruption leaves the previous file intact.
+    (:func:`~maskbench.core.storage.atomic_write`), so an interruption leaves the previous file intact.
     ``path`` None: nothing is saved or resumed (the time limit still raises).
     """
 
@@ -126,8 +126,8 @@ class TrainingProgress:
     def _read(self, path: Path) -> dict[str, Any] | None:
         name = self.method.name
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # damaged: costs the steps it saved, not the run
+            data = load_checkpoint(path)
+        except CheckpointError as exc:  # damaged: costs the steps it saved, not the run
             print(f"maskbench: {name}: damaged training progress file {path} ({type(exc).__name__}); starting "
                   f"this training over", file=sys.stderr)
             return None
@@ -157,11 +157,9 @@ class TrainingProgress:
             ranks = [None] * self.world
             torch.distributed.all_gather_object(ranks, local)
         if self.rank == 0 and self.path is not None:
-            buf = io.BytesIO()
-            torch.save({"format": PROGRESS_FORMAT, "method": self.method.name, "key": self.key,
-                        "world_size": self.world, "stage": stage, "state": state, "ranks": ranks,
-                        "records": self.records}, buf)
-            atomic_write(self.path, buf.getvalue())
+            save_checkpoint(self.path, {"format": PROGRESS_FORMAT, "method": self.method.name, "key": self.key,
+                                        "world_size": self.world, "stage": stage, "state": state, "ranks": ranks,
+                                        "records": self.records})
 
     def seconds(self) -> float:
         """Wall time of this invocation so far."""
@@ -293,7 +291,7 @@ class LearnedMethod(AttributionMethod):
                 if "time_budget" in (meta.get("stopped"), meta.get("filter_stopped")):
                     meta = None  # cut short by the former wall-clock cap: fewer steps than its budget, train again
                 else:
-                    net.load_state_dict(torch.load(path, map_location=ctx.device, weights_only=True))
+                    net.load_state_dict(load_checkpoint(path, ctx.device))
             except Exception as exc:
                 print(f"maskbench: {self.name}: damaged cached network {path} ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0] if str(exc) else ''}); training it again", file=sys.stderr)
@@ -306,9 +304,7 @@ class LearnedMethod(AttributionMethod):
         else:
             info = self.fit(net, ctx, train, val, TrainingProgress(self, progress_path, key))
             if rank == 0:
-                buf = io.BytesIO()
-                torch.save(net.state_dict(), buf)
-                atomic_write(path, buf.getvalue())
+                save_checkpoint(path, net.state_dict())
                 write_json(meta_path, info)
                 progress_path.unlink(missing_ok=True)
             info = {**info, "trained_here": True}

@@ -34,7 +34,7 @@ mask (sum, not mean: on the 28 x 28 grid, deleting everything costs lambda_1 * 7
 eq. 4's sum_u ||grad m(u)||_beta^beta = sum_u |m(u + e_y) - m(u)|^beta + |m(u + e_x) - m(u)|^beta (forward
 differences inside the grid; :func:`tv_norm`); the reference code uses the isotropic (||grad m(u)||_2)^beta,
 which differs only on diagonal edges. Pixel sizes are published for 224 px and scale with the image
-(:func:`~maskbench.methods.perturbations.scaled_sigma`): at 64 px the mask is 8 x 8 cells, sigma_0 = 2.86 px,
+(:func:`~maskbench.core.images.scaled_sigma`): at 64 px the mask is 8 x 8 cells, sigma_0 = 2.86 px,
 sigma_m = 1.43 px, jitter 0-1 px, disc radii in steps of 1.43 px. So that lambda_1 and lambda_2 keep their
 weight against f_c on a coarser grid, the terms are expressed on the paper's 28 x 28 grid: with n = the number
 of cells, the L1 sum is multiplied by 784 / n and the TV sum by (784 / n) (sqrt(n) / 28)^beta (the same
@@ -49,7 +49,7 @@ Choices for this benchmark (each a field), with reasons:
 * ``perturbation``: "blur" (the paper) or "dgmp", the perturbation of the distribution-guided paper, which
   compared against MP with "the same kind of perturbations in our method" (Sec. 4, App. A.2): in each
   iteration each row uses, with probability 1/2, the blurred image (sigma_0, as above) or a random colour
-  image plus Gaussian noise (:func:`~maskbench.methods.perturbations.colour_noise`, drawn once per row: the
+  image plus Gaussian noise (:func:`~maskbench.core.images.colour_noise`, drawn once per row: the
   same substrate as :mod:`maskbench.methods.dgmp`). The disc search of the circle initialisation always uses
   the blur.
 * ``||1 - m||_1`` is computed as sum(1 - m): equal on [0, 1], but with gradient -1 also at m = 1, where the
@@ -76,7 +76,6 @@ initialisation starts close to the optimum, and the masks settle well within 60 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -85,8 +84,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskbench.core.images import REFERENCE_SIZE, colour_noise, gaussian_blur, generator, image_class_seed, scaled_sigma
+from maskbench.core.scores import SCORES, class_score
+
 from .base import AttributionMethod, check_choice, check_range, normalize_maps, register_method
-from .perturbations import REFERENCE_SIZE, colour_noise, gaussian_blur, scaled_sigma
 
 CIRCLE_RADIUS_STEP = 5.0  # px at 224 px (reference code: radii 0, 5, ..., 170)
 CIRCLE_RADII = 35
@@ -131,13 +132,8 @@ def shift_rows(x: Tensor, offsets: Tensor, size: tuple[int, int]) -> Tensor:
 
 def _row_generators(images: Tensor, classes: Tensor, seed: int) -> list[torch.Generator]:
     """One CPU generator per (image, class) row, seeded by (seed, image bytes, class)."""
-    gens = []
-    for img, row in zip(images.detach().cpu(), classes.cpu().tolist(), strict=True):
-        digest = hashlib.sha256(img.contiguous().numpy().tobytes()).hexdigest()
-        for c in row:
-            key = hashlib.sha256(f"{seed}:{digest}:{c}".encode()).digest()[:8]
-            gens.append(torch.Generator().manual_seed(int.from_bytes(key, "little") & (2**63 - 1)))
-    return gens
+    return [generator(image_class_seed(img, seed, c, sep=":", bits=63))
+            for img, row in zip(images.detach().cpu(), classes.cpu().tolist(), strict=True) for c in row]
 
 
 @register_method("meaningful-perturbation")
@@ -178,28 +174,13 @@ class MeaningfulPerturbation(AttributionMethod):
         check_range(self, "mask_noise", 0)
         check_choice(self, "init", ("circle", "ones"))
         check_choice(self, "perturbation", ("blur", "dgmp"))
-        check_choice(self, "score", ("sigmoid", "softmax", "logit"))
+        check_choice(self, "score", SCORES)
         check_range(self, "max_batch", 1)
         check_range(self, "seed", 0)
         self._upsampling: dict[tuple, tuple[Tensor, Tensor]] = {}
 
-    def _check(self) -> None:
-        if self.init not in ("circle", "ones"):
-            raise ValueError(f"meaningful-perturbation init must be circle or ones, not {self.init!r}")
-        if self.perturbation not in ("blur", "dgmp"):
-            raise ValueError(f"meaningful-perturbation perturbation must be blur or dgmp, not {self.perturbation!r}")
-        if self.score not in ("sigmoid", "softmax", "logit"):
-            raise ValueError(f"meaningful-perturbation score must be sigmoid, softmax or logit, not {self.score!r}")
-
     def _class_score(self, model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
-        logits = model(x).float()
-        if self.score == "sigmoid":
-            scores = torch.sigmoid(logits)
-        elif self.score == "softmax":
-            scores = torch.softmax(logits, dim=-1)
-        else:
-            scores = logits
-        return scores.gather(1, target[:, None])[:, 0]
+        return class_score(model(x).float(), target, self.score)
 
     def regularizer(self, m: Tensor) -> Tensor:
         """lambda_1 ||1 - m||_1 + lambda_2 TV_beta(m) per row of (N, 1, h, w) masks, on the 28 x 28 reference grid."""
@@ -253,7 +234,6 @@ class MeaningfulPerturbation(AttributionMethod):
         return F.interpolate(keep[first], size=grid, mode="area")
 
     def explain(self, model: nn.Module, images: Tensor, classes: Tensor, *, batch: Any = None) -> Tensor:
-        self._check()
         b, k = classes.shape
         h, w = images.shape[-2:]
         gens = _row_generators(images, classes, self.seed)

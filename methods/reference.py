@@ -7,13 +7,13 @@ They go through exactly the same pipeline as real methods and give the ranges ev
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from maskbench.benchmark.errors import MethodError
+from maskbench.core.errors import MethodError
+from maskbench.core.images import generator, image_class_seed
 
 from .base import AttributionMethod, check_range, register_method
 
@@ -127,9 +127,7 @@ class RandomUniform(AttributionMethod):
         b, _, h, w = images.shape
         out = torch.empty(b, classes.shape[1], h, w, dtype=images.dtype)
         for i in range(b):
-            digest = hashlib.sha256(images[i].detach().cpu().numpy().tobytes()).hexdigest()
             for k in range(classes.shape[1]):
-                key = f"{self.seed}|{digest}|{int(classes[i, k])}"
-                seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
-                out[i, k] = torch.rand(h, w, generator=torch.Generator().manual_seed(seed))
+                out[i, k] = torch.rand(h, w, generator=generator(image_class_seed(images[i], self.seed,
+                                                                                  int(classes[i, k]))))
         return out.to(images.device)

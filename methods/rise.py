@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskbench.core.scores import SCORES, scores_from_logits
+
 from .base import AttributionMethod, check_choice, check_range, normalize_maps, register_method
 
 
@@ -69,7 +71,7 @@ class RISE(AttributionMethod):
         check_range(self, "p", 0, 1, low_open=True, high_open=True)  # p = 1 keeps every pixel: constant maps
         check_range(self, "batch_size", 1)
         check_range(self, "seed", 0)
-        check_choice(self, "score", ("sigmoid", "softmax", "logit"))
+        check_choice(self, "score", SCORES)
         check_choice(self, "normalize", ("minmax", "none"))
         self._masks: dict[tuple, Tensor] = {}
 
@@ -78,15 +80,6 @@ class RISE(AttributionMethod):
         if key not in self._masks:
             self._masks[key] = rise_masks(self.num_masks, self.num_cells, self.p, size, self.seed).to(device)
         return self._masks[key]
-
-    def _scores(self, logits: Tensor) -> Tensor:
-        if self.score == "sigmoid":
-            return torch.sigmoid(logits)
-        if self.score == "softmax":
-            return torch.softmax(logits, dim=-1)
-        if self.score == "logit":
-            return logits
-        raise ValueError(f"RISE score must be sigmoid, softmax or logit, not {self.score!r}")
 
     @torch.no_grad()
     def explain(self, model: nn.Module, images: Tensor, classes: Tensor, *, batch=None) -> Tensor:
@@ -99,7 +92,7 @@ class RISE(AttributionMethod):
         for i in range(0, n, chunk):
             m = masks[i : i + chunk]  # (n_c, H, W)
             x = (images[:, None] * m[None, :, None]).flatten(0, 1)  # (B * n_c, 3, H, W)
-            s = self._scores(model(x).float()).view(b, m.shape[0], -1)  # (B, n_c, C)
+            s = scores_from_logits(model(x).float(), self.score).view(b, m.shape[0], -1)  # (B, n_c, C)
             s = torch.gather(s, 2, classes[:, None, :].expand(-1, m.shape[0], -1))  # (B, n_c, K)
             sal += torch.einsum("bnk,nhw->bkhw", s, m)
         sal /= n * self.p

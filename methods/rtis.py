@@ -18,7 +18,7 @@ attributions at inference), and the loss is
 * destroyer D (:func:`destroyer_loss`): mean over the same pairs of sigmoid(F(Phi(x, 1 - m)))_c, raised to 0.3;
 * Phi(x, m) = m x + (1 - m) alt, with ``alt`` drawn per batch, with probability 1/2 each, as a Gaussian blur of
   x (sigma 10 px at 224 px, scaled by image_size / 224 for other sizes: 2.86 px at 64 px) or a colour-noise image
-  (:func:`~maskbench.methods.perturbations.colour_noise`: N(0, 0.11^2) plus a per-image, per-channel offset in
+  (:func:`~maskbench.core.images.colour_noise`: N(0, 0.11^2) plus a per-image, per-channel offset in
   (-0.33, 0.33)); everything in normalised space.
 
 Weights as the NeurIPS code: l_tv = 10, l_area = 1 (raised by the NeurIPS authors from the RTIS paper's 1e-3,
@@ -35,7 +35,7 @@ Deviations from the NeurIPS code, on purpose:
   in train mode); each true class counts once;
 * every random choice (blur or noise, the noise itself) comes from the training generator, so training and
   validation are reproducible; the blur is a separable Gaussian with zero padding
-  (:func:`~maskbench.methods.perturbations.gaussian_blur`, TorchRay's ``imsmooth``);
+  (:func:`~maskbench.core.images.gaussian_blur`, TorchRay's ``imsmooth``);
 * D is clamped at >= 1e-6 before the power (the gradient of D^0.3 is infinite at 0).
 """
 
@@ -48,10 +48,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskbench.core.images import colour_noise, gaussian_blur, scaled_sigma
+
 from .base import register_method
 from .explainer import _differences, aggregate_masks, mask_area
 from .learned import LearnedMethod
-from .perturbations import colour_noise, gaussian_blur, scaled_sigma
 from .segnets import build_segnet
 
 

@@ -13,7 +13,7 @@ resolution; the methods apply the sigmoid.
   ``True`` starts the ResNet-50 backbone from torchvision's ImageNet weights, which is what the published code
   actually did (torchvision 0.11's ``deeplabv3_resnet50(pretrained=False)`` kept ``pretrained_backbone=True``).
   The weights must be downloadable or already in ``$TORCH_HOME/hub/checkpoints``; otherwise a
-  :class:`~maskbench.benchmark.errors.MaskbenchError` says so.
+  :class:`~maskbench.core.errors.MaskbenchError` says so.
 
 :func:`build_segnet` builds one by name.
 """
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskbench.benchmark.errors import MaskbenchError, UnknownNameError
+from maskbench.core.errors import MaskbenchError, UnknownNameError
 
 SEGNETS = ("small", "deeplabv3_resnet50")
 

@@ -1,15 +1,22 @@
-"""maskbench.metrics: per-image metrics behind one registry (``METRICS``), each with its polarity."""
+"""maskbench.metrics: per-image metrics behind one registry (``METRICS``), each with its polarity, and the
+tables they declare (``TABLES``)."""
 
 from . import class_table, faithfulness, localisation, masked_classifier, segmentation  # noqa: F401  (registrations)
 from .base import (
     METRICS,
+    TABLES,
     MetricInputs,
     MetricSpec,
+    TableInputs,
+    TableSpec,
     merge_true_class_masks,
+    metric_statistic,
     register_metric,
+    register_table,
+    table_specs,
     true_class_slots,
     value_range,
 )
 
-__all__ = ["METRICS", "MetricInputs", "MetricSpec", "merge_true_class_masks", "register_metric", "true_class_slots",
-           "value_range"]
+__all__ = ["METRICS", "TABLES", "MetricInputs", "MetricSpec", "TableInputs", "TableSpec", "merge_true_class_masks",
+           "metric_statistic", "register_metric", "register_table", "table_specs", "true_class_slots", "value_range"]

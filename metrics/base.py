@@ -1,23 +1,33 @@
-"""The metric contract and registry.
+"""The metric contract, the metric registry and the tables metrics declare.
 
 A metric is a function ``fn(inputs: MetricInputs) -> Tensor`` returning one value per image, shape (B,),
-NaN where the metric is undefined for that image (e.g. no segmentation, or no true class); the runner counts
-NaN values per metric and method, and tables report how many images each mean is over. Each registered
-metric carries its polarity (``higher_is_better``), the table it belongs to and its column label, so tables
-get their arrows and bold-best cells from the registry.
+NaN where the metric is undefined for that image (e.g. no segmentation, or no true class), or a dict of such
+(B,) tensors stored as ``<metric>/<key>`` cells; the runner counts NaN values per metric and method, and tables
+report how many images each mean is over. Each registered metric carries its polarity (``higher_is_better``),
+the table it belongs to, its column label, its valid range and the diagnostic counts it stores.
+
+A table is declared where its metrics are defined (:func:`register_table`, a :class:`TableSpec`): its
+statistics (:mod:`maskbench.core.stats`), caption, citation, headline statistic for the leaderboard and, when
+needed, hooks for pseudo-method rows and further files. A metric whose ``table`` has no registered spec gets a
+table of its own: the mean of each of its scalar metrics. ``maskbench.benchmark.tables`` only renders what is
+declared here. Plugin metrics register the same way (``--plugin`` or the entry-point group
+``maskbench.metrics``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from maskbench.benchmark.registry import Registry
+from maskbench.core.errors import MaskbenchError
+from maskbench.core.registry import Registry
+from maskbench.core.stats import Statistic, mean_of
 
 
 @dataclass
@@ -41,9 +51,24 @@ class MetricSpec:
     version: str = "1"
     description: str = ""
     valid_range: tuple[float, float] = (-math.inf, math.inf)  # every stored value of the metric lies in it
+    diagnostics: tuple[tuple[str, str], ...] = ()  # (diagnostics.csv column, stored cell summed over images)
 
 
-METRICS: Registry = Registry("metric")
+def _adopt_entry_point(name: str, obj: Any) -> MetricSpec:
+    """An entry point of group ``maskbench.metrics`` names a function decorated with :func:`register_metric`
+    (importing its module registered it) or a :class:`MetricSpec`; its registered name must be the entry's."""
+    spec = obj if isinstance(obj, MetricSpec) else next(
+        (METRICS.get(n) for n in METRICS.list() if METRICS.get(n).fn is obj), None)
+    if spec is None:
+        raise MaskbenchError(f"Metric entry point '{name}' names {obj!r}, which is not a function decorated with "
+                             f"@register_metric (nor a MetricSpec).")
+    if spec.name != name:
+        raise MaskbenchError(f"Metric entry point '{name}' names the metric registered as '{spec.name}': use the "
+                             f"same name for both.")
+    return spec
+
+
+METRICS: Registry = Registry("metric", entry_point_group="maskbench.metrics", adopt=_adopt_entry_point)
 
 
 def value_range(metric: str) -> tuple[float, float]:
@@ -55,15 +80,17 @@ def value_range(metric: str) -> tuple[float, float]:
 
 def register_metric(
     name: str, *, higher_is_better: bool, table: str, label: str | None = None, version: str = "1",
-    valid_range: tuple[float, float] = (-math.inf, math.inf),
+    valid_range: tuple[float, float] = (-math.inf, math.inf), diagnostics: dict[str, str] | None = None,
 ) -> Callable[[Callable[[MetricInputs], Tensor]], Callable[[MetricInputs], Tensor]]:
     """Register a metric. ``valid_range`` bounds every value it can store (also the cells of a dict metric):
-    stored rows outside it are damaged, and are recomputed by ``bench`` and refused by ``tables``."""
+    stored rows outside it are damaged, and are recomputed by ``bench`` and refused by ``tables``.
+    ``diagnostics`` maps a column of ``diagnostics.csv`` to a stored count cell (``"pointing/constant"``)
+    whose sum over a method's images it shows."""
 
     def wrapper(fn: Callable[[MetricInputs], Tensor]) -> Callable[[MetricInputs], Tensor]:
         doc = (fn.__doc__ or "").strip().splitlines()
         spec = MetricSpec(name, fn, higher_is_better, table, label or name, version, doc[0] if doc else "",
-                          (float(valid_range[0]), float(valid_range[1])))
+                          (float(valid_range[0]), float(valid_range[1])), tuple((diagnostics or {}).items()))
         METRICS.register(name, spec)
         return fn
 
@@ -107,3 +134,90 @@ def forward_in_chunks(model: nn.Module, x: Tensor, rows: int | None = None) -> T
     """Float logits of ``model`` on ``x`` (N, 3, H, W), ``rows`` images per forward (default :func:`forward_rows`)."""
     rows = rows or forward_rows(x)
     return torch.cat([model(x[i : i + rows]).float() for i in range(0, len(x), rows)])
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+@dataclass(frozen=True)
+class TableInputs:
+    """What a table's ``files`` hook may read: the stored rows (columns method, image_id, metric, value; every
+    table's ``keep_rows`` applied), the methods' sidecars, their display order, the data set's description from
+    the manifest (``classes``, ``image_size``, ...), the caption's run description and the bootstrap settings."""
+
+    rows: pd.DataFrame
+    metas: dict[str, dict]
+    order: list[str]
+    data_info: dict[str, Any]
+    where: str
+    label_suffix: str  # ``<dataset>-<model>``, for LaTeX labels
+    resamples: int
+    seed: int
+    image_ids: list[str]
+    scored: dict[str, set[str]]
+
+    def class_name(self, i: int) -> str:
+        names = self.data_info.get("classes")
+        return names[i] if names and i < len(names) else str(i)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One statistics table (``<name>.csv`` and ``<name>.tex``), declared next to the metrics it shows.
+
+    * ``stats``: the table's rows per method (:class:`~maskbench.core.stats.Statistic`); None: the mean of each
+      scalar metric registered with ``table=name``, in name order.
+    * ``caption`` / ``paper``: the caption's first sentence(s) and the source it follows ("After <paper>.").
+    * ``order``: position among the tables and in the leaderboard (built-ins 10-60; plugins default 100).
+    * ``headline``: (statistic, leaderboard label, phrase for the leaderboard's caption), or None.
+    * ``extra``: LaTeX header -> ``diagnostics.csv`` column shown as plain text.
+    * ``caption_note(data_info)``: a sentence added to the caption that depends on the run (e.g. a tolerance).
+    * ``keep_rows(rows, data_info)``: the stored cells the run's tables use (e.g. the table classes only).
+    * ``pseudo_rows(rows, metas)``: rows and sidecars of pseudo-methods shown in every table (family
+      ``classifier``: never best, never in the leaderboard).
+    * ``files(inputs)``: further files, ``{file name: text}`` (e.g. every cell of a class matrix).
+    """
+
+    name: str
+    stats: tuple[Statistic, ...] | None = None
+    caption: str = ""
+    paper: str = ""
+    order: int = 100
+    headline: tuple[str, str, str] | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+    caption_note: Callable[[dict[str, Any]], str] | None = None
+    keep_rows: Callable[[pd.DataFrame, dict[str, Any]], pd.DataFrame] | None = None
+    pseudo_rows: Callable[[pd.DataFrame, dict[str, dict]], tuple[pd.DataFrame, dict[str, dict]]] | None = None
+    files: Callable[[TableInputs], dict[str, str]] | None = None
+
+
+TABLES: Registry = Registry("table")
+
+
+def register_table(spec: TableSpec) -> TableSpec:
+    """Declare a table (called in the module that defines its metrics)."""
+    TABLES.register(spec.name, spec)
+    return spec
+
+
+def metric_statistic(name: str) -> Statistic:
+    """The mean over images of a registered scalar metric, with its label, polarity and description."""
+    spec: MetricSpec = METRICS.get(name)
+    return mean_of(name, spec.label, spec.higher_is_better, spec.description)
+
+
+def table_specs() -> list[TableSpec]:
+    """Every table: the registered ones and a default one per other ``table`` name of a registered metric,
+    ordered by ``order`` then name."""
+    specs = {n: TABLES.get(n) for n in TABLES.list()}
+    for name in METRICS.list():
+        metric: MetricSpec = METRICS.get(name)
+        if metric.table not in specs:
+            specs[metric.table] = TableSpec(metric.table, caption=f"Plugin table {metric.table}: mean over images.")
+    out = []
+    for spec in specs.values():
+        if spec.stats is None:
+            metrics = [n for n in METRICS.list() if METRICS.get(n).table == spec.name]
+            spec = replace(spec, stats=tuple(metric_statistic(n) for n in metrics))
+        out.append(spec)
+    return sorted(out, key=lambda t: (t.order, t.name))

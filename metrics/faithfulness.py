@@ -21,7 +21,7 @@ with "a variance of 10" at 224 px, read as sigma = 10 px at 224 px as in our DGM
 (``methods/dgmp.py``: the code DGMP builds on blurs with sigma = 11 at 224 px, and a literal variance of 10,
 sigma = 3.2 px, leaves objects recognisable: measured on the default synthetic run, 42% of the (image, class)
 pairs then lose less than 0.05 of their probability under the full blur and M_F would be undefined for them,
-against 9% at sigma = 10), scaled to the image size (:func:`~maskbench.methods.perturbations.scaled_sigma`:
+against 9% at sigma = 10), scaled to the image size (:func:`~maskbench.core.images.scaled_sigma`:
 2.86 px at 64 px), kernel radius ceil(4 sigma), zero padding (the border fades to the mean colour).
 With Delta = 1/32 and revealed fractions f_k = k/32, k = 0..32,
 x_k = A + r_k * (x - A), r_k the 0 / 1 ranked reveal of the class's map; q_F = q(x_0) = q(A) (fully perturbed),
@@ -67,9 +67,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from maskbench.methods.perturbations import gaussian_blur, scaled_sigma
+from maskbench.core.images import gaussian_blur, scaled_sigma
 
-from .base import MetricInputs, forward_in_chunks, register_metric, true_class_slots
+from .base import (
+    MetricInputs,
+    TableSpec,
+    forward_in_chunks,
+    metric_statistic,
+    register_metric,
+    register_table,
+    true_class_slots,
+)
 
 MF_STEPS = 32  # DGMP Sec. 4.1: Delta = 1/32
 MF_SIGMA_224 = 10.0  # DGMP Sec. 4: blur "with a variance of 10" (at 224 px), read as sigma = 10 px
@@ -326,3 +334,12 @@ def insertion(inputs: MetricInputs) -> Tensor:
 def deletion(inputs: MetricInputs) -> Tensor:
     """RISE deletion AUC (%), image -> zeros (mean colour), W pixels per step (mean over true classes)."""
     return faithfulness_scores(inputs).per_image["deletion"]
+
+
+register_table(TableSpec(
+    "faithfulness", tuple(metric_statistic(m) for m in ("mf_clipped", "mf", "insertion", "deletion")),
+    r"Faithfulness: $\mathcal{M}_F$ (blurred substrate, $\Delta = 1/32$) clipped to the "
+    r"$[q_F, q_O]$ range and as eq.~8 is written; RISE insertion and deletion AUC (\%).",
+    r"Zhang et al.\ (DGMP), Table 1; Petsiuk et al.\ (2018)", order=20,
+    headline=("mf_clipped", "M_F clipped", r"$\mathcal{M}_F$ clipped: faithfulness"),
+))

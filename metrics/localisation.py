@@ -72,7 +72,7 @@ Per image the metric returns a dict (rows ``pointing/<key>``; the runner drops N
 
 The counts are NaN for an image without any true class among its explained ones. The class accuracy
 (hits / (hits + misses) per class, then the mean over classes, as TorchRay) is computed by the tables from the
-stored ``c<k>`` / ``d<k>`` cells (:func:`maskbench.benchmark.stats.class_mean`); classes without any scored
+stored ``c<k>`` / ``d<k>`` cells (:func:`maskbench.core.stats.class_mean`); classes without any scored
 image are left out (TorchRay keeps them at 0 in its 20 / 80-class mean, which only matters on subsets missing a
 class).
 """
@@ -81,10 +81,24 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 
-from .base import MetricInputs, register_metric, true_class_slots
+from maskbench.core.ranking import average_precision
+from maskbench.core.render import csv_text
+from maskbench.core.stats import class_mean
+
+from .base import (
+    MetricInputs,
+    TableInputs,
+    TableSpec,
+    metric_statistic,
+    register_metric,
+    register_table,
+    true_class_slots,
+)
 
 TOLERANCE_224 = 15  # pointing-game tolerance in pixels at 224 px (EBP, TorchRay)
 DIFFICULT_AREA = 0.25  # EBP difficult subset: the class covers less than this fraction of the image
@@ -179,31 +193,6 @@ def _pointing_gt(batch, classes: Tensor, boxes: Tensor) -> Tensor:
     return torch.where(has_seg, _seg_of(batch, classes), boxes)
 
 
-def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
-    """Average precision (in [0, 1]) of each row of ``scores`` (N, P) as a ranking of the True ``targets``.
-
-    Pixels with equal scores form one retrieval step (scikit-learn's convention). NaN for a row without
-    positives. Computed in float64: one sort per row, cumulative sums, group ends where the sorted value changes.
-    """
-    n, p = scores.shape
-    out = torch.empty(n, dtype=torch.float64, device=scores.device)
-    rows = max(1, _CHUNK // max(p, 1))
-    pos = torch.arange(1, p + 1, device=scores.device, dtype=torch.float64)
-    for s in range(0, n, rows):
-        v, order = torch.sort(scores[s : s + rows].float(), dim=1, descending=True)
-        y = torch.gather(targets[s : s + rows].to(torch.float64), 1, order)
-        tp = y.cumsum(1)
-        end = torch.ones_like(v, dtype=torch.bool)
-        end[:, :-1] = v[:, 1:] != v[:, :-1]
-        # for every position, the index of the last element of its tie group (next group end at or after it)
-        idx = torch.where(end, torch.arange(p, device=v.device), p)
-        last = torch.cummin(idx.flip(1), dim=1).values.flip(1)
-        precision_at_end = torch.gather(tp / pos, 1, last)
-        npos = tp[:, -1]
-        out[s : s + rows] = (y * precision_at_end).sum(1) / npos
-    return out
-
-
 def _per_image_mean(values: Tensor, valid: Tensor) -> Tensor:
     """Mean over the valid entries of each row of (B, K) ``values``; NaN for a row without any."""
     total = torch.where(valid, values, torch.zeros_like(values)).sum(1)
@@ -291,7 +280,10 @@ def pointing_hits(masks: Tensor, gt: Tensor, tolerance: float) -> tuple[Tensor, 
 
 
 @register_metric("pointing", higher_is_better=True, table="pointing", label="Pointing", version="2",
-                 valid_range=(0.0, math.inf))
+                 valid_range=(0.0, math.inf),
+                 diagnostics={"constant_maps": "pointing/constant", "tied_maxima": "pointing/tied",
+                              "empty_ground_truth": "pointing/no_gt",
+                              "skipped_all_difficult": "pointing/skipped_difficult"})
 @torch.no_grad()
 def pointing_game(inputs: MetricInputs) -> dict[str, Tensor]:
     """Pointing game (EBP / TorchRay): per true class 1 hit / 0 miss, all and difficult subset, plus counts."""
@@ -337,3 +329,48 @@ def pointing_game(inputs: MetricInputs) -> dict[str, Tensor]:
     ):
         out[key] = torch.where(any_slot, flags.sum(1).float(), nan[:, 0])
     return out
+
+
+def _pointing_tolerance(data_info: dict) -> str:
+    """Caption text: the pointing-game tolerance at this run's image size (15 px at 224 px, scaled)."""
+    size = data_info.get("image_size")
+    if not size:
+        return rf" A hit is within {TOLERANCE_224} px at 224 px, scaled with the image."
+    return (rf" A hit is within $\tau = {tolerance_pixels(min(size)):.2f}$ px of the ground truth at "
+            rf"{size[0]}$\times${size[1]} px ({TOLERANCE_224} px at 224 px, scaled).")
+
+
+def pointing_per_class(inputs: TableInputs) -> pd.DataFrame:
+    """Hits (expected hits for tied maxima), pairs and accuracy per method, class and subset (all / difficult)."""
+    rows = inputs.rows
+    sub = rows[rows["metric"].str.match(r"^pointing/[cd]\d+$")].dropna(subset=["value"])
+    parts = sub["metric"].str.split("/", expand=True)[1]
+    sub = sub.assign(subset=np.where(parts.str.startswith("c"), "all", "difficult"),
+                     class_id=parts.str.slice(1).astype(int))
+    g = sub.groupby(["method", "subset", "class_id"])["value"]
+    # a tied maximum scores its expected hit, so hits are not whole numbers
+    out = pd.DataFrame({"hits": g.sum(), "pairs": g.count(), "accuracy": 100.0 * g.mean()}).reset_index()
+    out["class"] = [inputs.class_name(i) for i in out["class_id"]]
+    order = {m: i for i, m in enumerate(inputs.order)}
+    out = out.sort_values(["method", "subset", "class_id"],
+                          key=lambda c: c.map(order) if c.name == "method" else c)
+    return out[["method", "subset", "class_id", "class", "hits", "pairs", "accuracy"]].reset_index(drop=True)
+
+
+register_table(TableSpec(
+    "explainability", (metric_statistic("mi"),),
+    r"Explainability $\mathcal{M}_I$ (eq.~9): average precision (\%) of the pixel ranking against "
+    r"the union of the class's boxes, tied scores entering together.",
+    r"Zhang et al.\ (DGMP), Table 2", order=30, headline=("mi", "M_I", r"$\mathcal{M}_I$: explainability"),
+))
+register_table(TableSpec(
+    "pointing",
+    (class_mean("pointing", "pointing/c", "All", True, "pointing game accuracy (%), mean over classes", 100.0),
+     class_mean("pointing_difficult", "pointing/d", "Difficult", True, "the same on the difficult subset", 100.0)),
+    r"Pointing game accuracy (\%, mean over classes), all pairs and the difficult subset "
+    r"(boxes $<1/4$ of the image and a distractor class). A constant map is a miss.",
+    r"Zhang et al.\ (2016) via TorchRay; Zhang et al.\ (DGMP), Table 3", order=40,
+    headline=("pointing", "Pointing", "pointing game"), extra={"Const.": "constant_maps"},
+    caption_note=_pointing_tolerance,
+    files=lambda inputs: {"pointing_per_class.csv": csv_text(pointing_per_class(inputs))},
+))

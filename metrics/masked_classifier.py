@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import torch
 from torch import Tensor
 
-from .base import MetricInputs, forward_in_chunks, merge_true_class_masks, register_metric
+from maskbench.core.stats import f_score, ratio_of_sums
+
+from .base import MetricInputs, TableSpec, forward_in_chunks, merge_true_class_masks, register_metric, register_table
 
 ORIGINAL_THRESHOLD = 0.0
 MASKED_THRESHOLD = -1.0
@@ -50,3 +53,33 @@ def masked_classifier_counts(inputs: MetricInputs) -> dict[str, Tensor]:
         for key, v in zip(("tp", "fp", "fn"), _counts(lg, labels, thr), strict=True):
             out[prefix + key] = torch.where(has_true, v, nan)
     return out
+
+
+UNMASKED = "classifier-unmasked"  # pseudo-method of the table: the classifier on the clean images
+
+
+def with_unmasked(rows: pd.DataFrame, metas: dict[str, dict]) -> tuple[pd.DataFrame, dict[str, dict]]:
+    """Add the unmasked classifier as a pseudo-method (its counts are stored with every method's rows: those of
+    the first method in display order that has them)."""
+    have = set(rows.loc[rows["metric"] == "maskcls/orig_tp", "method"])
+    source = next((m for m in metas if m in have), None)
+    if source is None:
+        return rows, metas
+    sub = rows[(rows["method"] == source) & rows["metric"].str.startswith("maskcls/orig_")].copy()
+    sub["metric"] = sub["metric"].str.replace("maskcls/orig_", "maskcls/", regex=False)
+    sub["method"] = UNMASKED
+    metas = {**metas, UNMASKED: {"label": "Classifier (unmasked)", "family": "classifier", "preset": ""}}
+    return pd.concat([rows, sub], ignore_index=True), metas
+
+
+register_table(TableSpec(
+    "masked_classifier",
+    (ratio_of_sums("masked_precision", ["maskcls/tp"], ["maskcls/tp", "maskcls/fp"], "Precision", True),
+     ratio_of_sums("masked_recall", ["maskcls/tp"], ["maskcls/tp", "maskcls/fn"], "Recall", True),
+     f_score("masked_f", "maskcls/tp", "maskcls/fp", "maskcls/fn", "F-score")),
+    r"Multi-label classifier on images masked by each method's merged true-class mask (logit "
+    r"threshold $-1$) and on the unmasked images (threshold $0$): micro precision, recall and "
+    r"F-score (\%).",
+    r"Stalder et al.\ (2022), Table 4", order=60,
+    headline=("masked_f", "Masked F", "F-score of the classifier on masked images"), pseudo_rows=with_unmasked,
+))

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import MetricInputs, merge_true_class_masks, register_metric
+from .base import MetricInputs, TableSpec, merge_true_class_masks, metric_statistic, register_metric, register_table
 
 _NAN = math.nan
 
@@ -80,3 +80,10 @@ def saliency(inputs: MetricInputs) -> Tensor:
     p_true = (probs * (b.labels > 0).to(probs.dtype)).sum(1)
     sal = torch.log(area) - torch.log(p_true.clamp_min(1e-30))
     return _where_ok(sal, has_true & (b.labels.sum(1) > 0))
+
+
+register_table(TableSpec(
+    "segmentation", tuple(metric_statistic(m) for m in ("acc", "iou", "sal", "mae")),
+    r"Segmentation scores of the merged class masks. Acc, IoU and MAE in \%, Sal as eq.~9.",
+    r"Stalder et al.\ (2022), Table 2", order=10, headline=("iou", "IoU", "IoU: segmentation"),
+))

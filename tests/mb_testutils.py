@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from maskbench.benchmark.classifiers import SmallCNN, freeze
+from maskbench.classifiers import SmallCNN, freeze
 from maskbench.datasets.base import Batch
 
 

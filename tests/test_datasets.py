@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from maskbench.benchmark.errors import DataError, UnknownNameError
+from maskbench.core.errors import DataError, UnknownNameError
 from maskbench.datasets import (
     DATASETS,
     SYNTHETIC_CLASSES,

@@ -7,7 +7,8 @@ import torch
 from mb_testutils import QuadrantNet, TwoRegionNet, quadrant, quadrant_scores, region_scores
 from torch import nn
 
-from maskbench.benchmark.classifiers import freeze
+from maskbench.classifiers import freeze
+from maskbench.core.images import gaussian_blur, scaled_sigma
 from maskbench.methods.base import build_method
 from maskbench.methods.igos import (
     armijo_line_search,
@@ -16,7 +17,6 @@ from maskbench.methods.igos import (
     line_search_steps,
     regulariser,
 )
-from maskbench.methods.perturbations import gaussian_blur, scaled_sigma
 
 H = W = 32
 SMALL = {"iterations": 3, "ig_iter": 2}  # a few evaluations: enough for the contract checks

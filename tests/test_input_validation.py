@@ -15,9 +15,10 @@ import pytest
 
 from maskbench.benchmark import preflight
 from maskbench.benchmark.cli import main
-from maskbench.benchmark.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, InvalidOptionError, RunConfig, check_image_size
-from maskbench.benchmark.errors import DataError, MaskbenchError
+from maskbench.benchmark.config import RunConfig
+from maskbench.core.errors import DataError, InvalidOptionError, MaskbenchError
 from maskbench.datasets import COCODataset, VOCDataset, build_dataset, digests, generate_synthetic
+from maskbench.datasets.base import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_image_size
 from maskbench.datasets.synthetic import SyntheticCOCODataset, SyntheticDataset
 from maskbench.methods import METHODS, AttributionMethod, build_method, method_presets
 from maskbench.methods.base import HyperparameterError, _annotation_types, check_range

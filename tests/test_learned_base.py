@@ -8,8 +8,8 @@ import pytest
 import torch
 from mb_testutils import tiny_model
 
-from maskbench.benchmark.errors import MaskbenchError, TrainingIncomplete
-from maskbench.benchmark.registry import import_plugin
+from maskbench.core.errors import MaskbenchError, TrainingIncomplete
+from maskbench.core.registry import import_plugin
 from maskbench.datasets import build_dataset, generate_synthetic
 from maskbench.methods import METHODS, MethodContext, build_method
 

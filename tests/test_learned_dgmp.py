@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskbench.benchmark.classifiers import SmallCNN, freeze
+from maskbench.classifiers import SmallCNN, freeze
+from maskbench.core.images import gaussian_blur
 from maskbench.methods import MethodContext, build_method
 from maskbench.methods.dgmp import (
     basic_transform,
@@ -22,7 +23,6 @@ from maskbench.methods.dgmp import (
     interpolate_curve,
     monotone_curve,
 )
-from maskbench.methods.perturbations import gaussian_blur
 
 C = 6
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from maskbench.benchmark.classifiers import SmallCNN, freeze
-from maskbench.benchmark.errors import MaskbenchError, UnknownNameError
+from maskbench.classifiers import SmallCNN, freeze
+from maskbench.core.errors import MaskbenchError, UnknownNameError
+from maskbench.core.images import colour_noise, gaussian_blur, gaussian_kernel1d, scaled_sigma
 from maskbench.datasets import build_dataset, generate_synthetic
 from maskbench.methods import MethodContext, build_method
 from maskbench.methods.explainer import (
@@ -23,7 +24,6 @@ from maskbench.methods.explainer import (
     negative_entropy,
     total_variation,
 )
-from maskbench.methods.perturbations import colour_noise, gaussian_blur, gaussian_kernel1d, scaled_sigma
 from maskbench.methods.rtis import RTIS, destroyer_loss, perturb, preserver_loss, squared_total_variation
 from maskbench.methods.segnets import SmallSegNet, build_segnet
 

@@ -20,8 +20,8 @@ import torch
 from mb_testutils import tiny_model
 
 import maskbench.methods.learned as learned
-from maskbench.benchmark.errors import TrainingIncomplete
-from maskbench.benchmark.registry import import_plugin
+from maskbench.core.errors import TrainingIncomplete
+from maskbench.core.registry import import_plugin
 from maskbench.datasets import build_dataset, generate_synthetic
 from maskbench.methods import MethodContext, build_method
 

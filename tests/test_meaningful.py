@@ -6,10 +6,10 @@ import torch.nn.functional as F
 from mb_testutils import QuadrantNet, quadrant_scores
 from torch import nn
 
-from maskbench.benchmark.classifiers import freeze
+from maskbench.classifiers import freeze
+from maskbench.core.images import gaussian_blur
 from maskbench.methods import build_method
 from maskbench.methods.meaningful import MeaningfulPerturbation, disc_masks, mask_grid, shift_rows, tv_norm
-from maskbench.methods.perturbations import gaussian_blur
 
 H = W = 32
 FEW = {"max_iter": 15, "lr": 0.25}  # enough for the properties below, cheap enough for a unit test

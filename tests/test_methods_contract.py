@@ -7,8 +7,8 @@ import pytest
 import torch
 from mb_testutils import TwoRegionNet, make_batch, quadrant, region_scores, tiny_model
 
-from maskbench.benchmark.classifiers import freeze
-from maskbench.benchmark.errors import MaskbenchError, MethodError, UnknownNameError
+from maskbench.classifiers import freeze
+from maskbench.core.errors import MaskbenchError, MethodError, UnknownNameError
 from maskbench.methods import METHODS, build_method, check_masks, normalize_maps
 
 H = W = 32

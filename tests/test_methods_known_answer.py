@@ -6,7 +6,7 @@ import pytest
 import torch
 from mb_testutils import QuadrantNet, quadrant_scores
 
-from maskbench.benchmark.classifiers import freeze
+from maskbench.classifiers import freeze
 from maskbench.methods import METHODS, build_method
 
 H = W = 32

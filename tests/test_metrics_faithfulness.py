@@ -8,7 +8,7 @@ from mb_testutils import make_batch, tiny_model
 from torch import nn
 
 import maskbench.metrics.faithfulness as faith
-from maskbench.methods.perturbations import gaussian_blur, scaled_sigma
+from maskbench.core.images import gaussian_blur, scaled_sigma
 from maskbench.metrics.base import METRICS, MetricInputs
 from maskbench.metrics.faithfulness import faithfulness_scores, reveal_fractions
 

@@ -279,7 +279,7 @@ def test_counts_are_nan_without_a_true_class():
 
 def pointing_accuracy(cells):
     """The tables' pointing statistic (mean over classes of per-class means, in %) on {class: per-image cells}."""
-    from maskbench.benchmark.stats import class_mean, statistics_table
+    from maskbench.core.stats import class_mean, statistics_table
 
     recs = [("m", f"i{i}", f"pointing/c{c}", v) for c, vals in cells.items() for i, v in enumerate(vals)]
     rows = pd.DataFrame.from_records(recs, columns=["method", "image_id", "metric", "value"])

@@ -1,7 +1,7 @@
 import pytest
 
-from maskbench.benchmark.errors import MaskbenchError, UnknownNameError
-from maskbench.benchmark.registry import Registry
+from maskbench.core.errors import MaskbenchError, UnknownNameError
+from maskbench.core.registry import Registry
 
 
 def test_register_get_list_natural_sort():

@@ -14,12 +14,12 @@ import torch
 from mb_testutils import run_config, tiny_model, tiny_synthetic
 
 from maskbench.benchmark.cli import main
-from maskbench.benchmark.errors import MaskbenchError
 from maskbench.benchmark.guard import ModelGuard
-from maskbench.benchmark.provenance import code_hash
 from maskbench.benchmark.runner import run
-from maskbench.benchmark.store import StoredDataError
 from maskbench.benchmark.tables import write_tables
+from maskbench.core.errors import MaskbenchError
+from maskbench.core.provenance import code_hash
+from maskbench.core.store import StoredDataError
 from maskbench.datasets import generate_synthetic
 from maskbench.methods import AttributionMethod, register_method
 
@@ -127,7 +127,7 @@ def test_code_hash_follows_code_not_docstrings_or_comments(tmp_path):
     c = _module(tmp_path, "mb_code_c", PLUGIN.replace("VALUE", "0.25"))
     assert code_hash(a.Flat) == code_hash(b.Flat) != code_hash(c.Flat)
     # a built-in method's key follows the helpers it imports from maskbench.methods (normalize_maps in base.py)
-    from maskbench.benchmark import provenance
+    from maskbench.core import provenance
     from maskbench.methods.gradcam import GradCAM
 
     before = code_hash(GradCAM)
@@ -362,7 +362,7 @@ def test_verify_recomputes_a_run_from_an_empty_cache(data_root, cache_dir, tmp_p
 
 
 def test_a_damaged_learned_network_costs_one_retraining_not_the_run(data_root, cache_dir, tmp_path, capsys):
-    from maskbench.benchmark.registry import import_plugin
+    from maskbench.core.registry import import_plugin
 
     import_plugin(str(REPO / "tests" / "plugins" / "tiny_learned.py"))
     first = run(config(data_root, cache_dir, tmp_path, methods=["test-tiny-learned", "gradcam"], limit=4))
@@ -382,7 +382,7 @@ def test_a_damaged_learned_network_costs_one_retraining_not_the_run(data_root, c
 
 
 def test_a_shipped_classifier_is_used_before_training(data_root, tmp_path, monkeypatch):
-    from maskbench.benchmark import classifiers
+    from maskbench.classifiers import base as classifiers
 
     trained = run(config(data_root, tmp_path / "cache-a", tmp_path / "a", limit=2))
     ckpt = Path(trained.manifest["classifier"]["checkpoint"])

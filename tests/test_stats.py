@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from maskbench.benchmark.stats import (
+from maskbench.core.stats import (
     bootstrap_weights,
     class_mean,
     column_means,

@@ -8,9 +8,11 @@ import pytest
 import torch
 from mb_testutils import make_batch
 
-from maskbench.benchmark.store import RowStore, rows_from_values, with_markers
-from maskbench.benchmark.tables import UNMASKED, class_table, load_current_rows, write_all_tables, write_tables
-from maskbench.metrics import METRICS, MetricInputs
+from maskbench.benchmark.tables import load_current_rows, write_all_tables, write_tables
+from maskbench.core.store import RowStore, rows_from_values, with_markers
+from maskbench.metrics import METRICS, MetricInputs, TableInputs
+from maskbench.metrics.class_table import class_table
+from maskbench.metrics.masked_classifier import UNMASKED
 
 TABLES = ["segmentation", "faithfulness", "explainability", "pointing", "class_contrast", "masked_classifier",
           "compute_time", "leaderboard", "class_table"]
@@ -151,7 +153,10 @@ def test_ground_truth_masks_give_a_high_diagonal(tmp_path):
     gt_masks = torch.gather(cm, 1, classes[:, :, None, None].expand(-1, -1, size, size))
     values = METRICS.get("classmask").fn(MetricInputs(QuadrantClasses(), images, gt_masks, classes, batch))
     rows = rows_from_values(["a", "b"], {f"classmask/{k}": v.tolist() for k, v in values.items()}, "k")
-    table = class_table(rows.assign(method="ground-truth"), {"ground-truth": {"label": "G.T."}}, None, 200, 0)
+    rows = rows.assign(method="ground-truth")
+    inputs = TableInputs(rows, {"ground-truth": {"label": "G.T."}}, ["ground-truth"], {}, "", "", 200, 0,
+                         ["a", "b"], {"ground-truth": {"a", "b"}})
+    table = class_table(inputs)
     cells = table.set_index(["target", "mask"])["value"]
     assert cells[("0", "0")] > 99 and cells[("1", "1")] > 99  # own mask keeps the class's quadrant
     assert cells[("0", "1")] < 1 and cells[("1", "0")] < 1  # the other class's mask removes it
@@ -171,7 +176,7 @@ def test_load_current_rows_ignores_stale_rows(results):
 @pytest.mark.parametrize("size, text", [([224, 224], r"$\tau = 15.00$ px"), ([64, 64], r"$\tau = 4.29$ px"),
                                         (None, "15 px at 224 px, scaled with the image")])
 def test_pointing_caption_states_the_tolerance_at_the_run_size(results, size, text):
-    from maskbench.benchmark.storage import write_json
+    from maskbench.core.storage import write_json
 
     run = results / "synthetic" / "smallcnn"
     write_json(run / "manifest.json", {"dataset": {"image_size": size, "classes": ["a", "b"]}})
@@ -180,7 +185,7 @@ def test_pointing_caption_states_the_tolerance_at_the_run_size(results, size, te
 
 
 def test_class_table_keeps_only_the_table_classes(results):
-    from maskbench.benchmark.storage import write_json
+    from maskbench.core.storage import write_json
 
     run = results / "synthetic" / "smallcnn"
     write_tables(run)

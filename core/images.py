@@ -1,4 +1,4 @@
-"""Reusable image perturbations for perturbation-based and learned attribution methods.
+"""Image operations shared by methods and metrics: perturbations (blur, colour noise) and per-image seeding.
 
 All functions work on batched (B, C, H, W) tensors in the data set's *normalised* space (so a value of 0 is
 the data set's mean colour), on any device, and draw every random number from an explicit
@@ -12,10 +12,13 @@ the data set's mean colour), on any device, and draw every random number from an
 * :func:`colour_noise`: the "random colour" alternative of Dabkowski & Gal (NeurIPS 2017, Sec. 4): Gaussian
   noise of standard deviation ``std`` plus one uniform offset in (-offset, offset) per image and channel.
 * :func:`scaled_sigma`: rescales a blur width published for 224 px images to another image size.
+* :func:`image_seed` / :func:`image_class_seed`: per-image (per-row) seeds from the image's bytes, so that a
+  method's random draws do not depend on batching.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -79,3 +82,31 @@ def colour_noise(shape: tuple[int, ...] | torch.Size, std: float = 0.11, offset:
     noise = torch.randn(tuple(shape), generator=generator, dtype=torch.float32) * std
     shift = (torch.rand(b, c, 1, 1, generator=generator, dtype=torch.float32) * 2 - 1) * offset
     return (noise + shift).to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------- seeding
+# A method's random draws depend on the image, never on its position in a batch or on the batch size: each
+# image (or (image, class) row) gets its own CPU generator seeded from the method's ``seed`` and the image's bytes.
+
+
+def image_digest(image: Tensor) -> bytes:
+    """SHA-256 of one (C, H, W) image's float32 values, read on the CPU."""
+    return hashlib.sha256(image.detach().float().cpu().contiguous().numpy().tobytes()).digest()
+
+
+def image_seed(image: Tensor, seed: int) -> int:
+    """Seed of one image's generator: ``seed`` XOR the first 8 bytes of :func:`image_digest` (little endian)."""
+    return seed ^ int.from_bytes(image_digest(image)[:8], "little")
+
+
+def image_class_seed(image: Tensor, seed: int, cls: int, *, sep: str = "|", bits: int = 64) -> int:
+    """Seed of one (image, class) row's generator: the first 8 bytes of SHA-256 of ``"<seed><sep><image hex
+    digest><sep><class>"``, kept to its low ``bits`` bits. ``sep`` and ``bits`` keep the draws of the stored runs:
+    the random-uniform row used ``"|"`` and 64 bits, meaningful perturbation ``":"`` and 63 bits."""
+    key = f"{seed}{sep}{image_digest(image).hex()}{sep}{cls}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & ((1 << bits) - 1)
+
+
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (CPU draws are the same on every device)."""
+    return torch.Generator().manual_seed(seed)

@@ -1,4 +1,5 @@
-"""LaTeX rendering of the tables: ``booktabs`` tabulars, one row per method, arrows for each metric's polarity.
+"""Rendering of the tables: CSV text and LaTeX ``booktabs`` tabulars, one row per method, arrows for each
+metric's polarity.
 
 Pure string functions of the tables' data frames; nothing here reads files or runs models.
 """
@@ -11,6 +12,12 @@ from collections.abc import Sequence
 import pandas as pd
 
 ARROW = {True: r"$\uparrow$", False: r"$\downarrow$"}
+FLOAT = "%.4f"  # every float of a CSV table
+
+
+def csv_text(frame: pd.DataFrame) -> str:
+    """A table as CSV text: no index, floats as :data:`FLOAT`, Unix line ends (the same bytes everywhere)."""
+    return frame.to_csv(index=False, float_format=FLOAT, lineterminator="\n")
 
 
 def escape(text: str) -> str:
@@ -53,7 +60,7 @@ def _end() -> list[str]:
 def statistics_latex(long: pd.DataFrame, methods: Sequence[str], labels: dict[str, str], families: dict[str, str],
                      caption: str, label: str, *, digits: int = 2, ci: bool = True,
                      extra: dict[str, dict[str, str]] | None = None) -> str:
-    """A wide booktabs table from a long statistics table (see :func:`maskbench.benchmark.stats.statistics_table`).
+    """A wide booktabs table from a long statistics table (see :func:`maskbench.core.stats.statistics_table`).
 
     One row per method in ``methods`` order, a rule between the reference rows and the others; per statistic
     the value in bold when best, underlined when not significantly different from the best, with the half

@@ -3,9 +3,10 @@
 :func:`code_hash` makes a method's source part of its identity (its cache and run keys), so that editing a
 method, or a plugin module, recomputes its masks and rows instead of reporting the first version's rows
 forever. The hash covers the modules that define the method's class and its bases, and the modules they import
-names from that belong to the same code base (``maskbench.methods.*`` for the built-in methods; any module in a
-plugin's own folder), followed transitively. Each module enters as its syntax tree without docstrings, so
-editing a comment, a docstring or the layout keeps the key; changing what the code does changes it.
+names from that belong to the same code base (``maskbench.methods.*`` for the built-in methods, with the
+shared ``maskbench.core.images`` and ``maskbench.core.scores``; any module in a plugin's own folder), followed
+transitively. Each module enters as its syntax tree without docstrings, so editing a comment, a docstring
+or the layout keeps the key; changing what the code does changes it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-TRACKED_PACKAGES = ("maskbench.methods",)
+# what a method computes with: its own package and the shared image operations and class scores of core/
+TRACKED_PACKAGES = ("maskbench.methods", "maskbench.core.images", "maskbench.core.scores")
 
 
 def _strip_docstrings(tree: ast.AST) -> ast.AST:

@@ -39,3 +39,7 @@ class ModelChangedError(MethodError):
 class TrainingIncomplete(MaskbenchError):
     """A learned method's training stopped before its step budget (time limit, interruption); its progress is
     saved and the same command resumes it. No network trained for fewer steps is ever used."""
+
+
+class InvalidOptionError(MaskbenchError, ValueError):
+    """An option with a value outside its valid range: the message names the option, the value and the range."""

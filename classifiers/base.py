@@ -10,7 +10,7 @@ Registered: ``smallcnn`` (trained from scratch on the synthetic set by maskbench
 backbones, frozen, with a new head trained with BCE (VGG-16: 25088-4096-4096-C MLP with dropout, Adam 1e-5;
 ResNet-50: a linear layer, Adam 1e-4). Trained checkpoints are cached under the cache directory, keyed by
 the data's content, architecture and recipe, and loaded with ``torch.load(..., weights_only=True)``; the
-classifier of the published default run ships in ``benchmark/checkpoints/`` and is looked up first, so every
+classifier of the published default run ships in ``classifiers/checkpoints/`` and is looked up first, so every
 machine explains the same model (``--train-classifier`` trains one here instead). While explained
 or scored a classifier is always in ``eval()`` with ``requires_grad`` off (:func:`freeze`).
 """
@@ -28,11 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from maskbench.core.checkpoints import CheckpointError, save_checkpoint
+from maskbench.core.checkpoints import load_checkpoint as load_state
+from maskbench.core.errors import MaskbenchError
+from maskbench.core.ranking import average_precision
+from maskbench.core.registry import Registry
+from maskbench.core.storage import file_sha256, read_json, stable_hash, write_json
 from maskbench.datasets.base import stack_split
-
-from .errors import MaskbenchError
-from .registry import Registry
-from .storage import atomic_write, file_sha256, read_json, stable_hash, write_json
 
 CLASSIFIERS: Registry = Registry("model")
 # Checkpoints shipped with maskbench (the classifier of the published default run), looked up before the cache.
@@ -210,19 +212,10 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-class average precision (B, C) -> (C,), NaN for a class without positives.
-
-    AP = mean over positives of the precision at their rank (ties broken by a stable sort).
-    """
-    order = torch.argsort(scores, dim=0, descending=True, stable=True)
-    t = torch.gather(targets.float(), 0, order)
-    tp = t.cumsum(0)
-    ranks = torch.arange(1, t.shape[0] + 1, device=t.device, dtype=t.dtype)[:, None]
-    precision = tp / ranks
-    npos = t.sum(0)
-    ap = (precision * t).sum(0) / npos
-    return torch.where(npos > 0, ap, torch.full_like(ap, math.nan))
+def class_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-class average precision (N, C) -> (C,) over the N images (:func:`~maskbench.core.ranking.average_precision`
+    with its tie rule), NaN for a class without positives."""
+    return average_precision(scores.T, targets.T > 0).float()
 
 
 @torch.no_grad()
@@ -281,7 +274,7 @@ def train_classifier(
             sched.step()
             total += loss.detach() * len(idx)
         model.eval()
-        val_map = float(average_precision(predict(model, x_val, device), y_val).nanmean())
+        val_map = float(class_average_precision(predict(model, x_val, device), y_val).nanmean())
         train_loss = float(total) / len(x_train)
         history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_map": round(val_map, 5)})
         bar.set_postfix(loss=f"{train_loss:.4f}", val_mAP=f"{val_map:.4f}")
@@ -305,18 +298,14 @@ def build_classifier(name: str, num_classes: int, **options: Any) -> Classifier:
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, device: torch.device) -> None:
-    path = Path(path)
-    if not path.is_file():
+    """Load a classifier's weights (a state dict, or a dict with a ``state_dict`` entry) into ``model``."""
+    if not Path(path).is_file():
         raise MaskbenchError(f"Classifier checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # truncated, not a checkpoint, or refused by weights_only (pickled code)
-        why = str(exc).splitlines()[0] if str(exc) else ""
-        if "Weights only load failed" in why or "weights_only" in why:
-            why = "not a checkpoint of tensors (damaged, another format, or pickled objects weights_only refuses)"
-        raise MaskbenchError(f"Cannot load the classifier checkpoint {path}: {type(exc).__name__}: {why[:200]}. "
-                             f"Delete it and rerun (a cached one is retrained), or pass a valid --checkpoint."
-                             ) from None
+        state = load_state(path, map_location=device)
+    except CheckpointError as exc:
+        raise MaskbenchError(f"Cannot load the classifier checkpoint {exc.path}: {exc.reason}. Delete it and rerun "
+                             f"(a cached one is retrained), or pass a valid --checkpoint.") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     try:
@@ -378,14 +367,10 @@ def get_classifier(
             test = datasets("test")
             x_test, y_test = stack_split(test)
             freeze(model)
-            ap = average_precision(predict(model, x_test, device), y_test)
+            ap = class_average_precision(predict(model, x_test, device), y_test)
             train_info["test_map"] = round(float(ap.nanmean()), 5)
             train_info["test_ap_per_class"] = [round(float(a), 5) for a in ap]
-            import io
-
-            buf = io.BytesIO()
-            torch.save(model.state_dict(), buf)
-            atomic_write(path, buf.getvalue())
+            save_checkpoint(path, model.state_dict())
             write_json(meta_path, train_info)
             info.update(train_info)
             info["trained_here"] = True

@@ -1,0 +1,25 @@
+"""maskbench.classifiers: the explained classifiers behind one registry (``CLASSIFIERS``).
+
+A classifier is built for a data set's classes, trained or loaded from a cached (or shipped) checkpoint, and
+handed to the methods frozen (:func:`freeze`). See :mod:`maskbench.classifiers.base`.
+"""
+
+from .base import (
+    CLASSIFIERS,
+    SHIPPED_DIR,
+    Classifier,
+    ClassifierSpec,
+    SmallCNN,
+    TorchvisionClassifier,
+    TrainRecipe,
+    build_classifier,
+    freeze,
+    get_classifier,
+    load_checkpoint,
+    predict,
+    train_classifier,
+)
+
+__all__ = ["CLASSIFIERS", "SHIPPED_DIR", "Classifier", "ClassifierSpec", "SmallCNN", "TorchvisionClassifier",
+           "TrainRecipe", "build_classifier", "freeze", "get_classifier", "load_checkpoint", "predict",
+           "train_classifier"]
