@@ -117,11 +117,30 @@ class RunConfig:
             parts.append("ckpt-" + sha[:8])
         elif self.train_classifier:
             parts.append("retrained")
-        if self.method_params:
-            parts.append("params-" + stable_hash(self.method_params, 6))
+        params = self.mask_params()
+        if params:
+            parts.append("params-" + stable_hash(params, 6))
         if self.seed != 0:
             parts.append(f"seed{self.seed}")
         return "-".join(parts)
+
+    def mask_params(self) -> dict[str, Any]:
+        """The ``--param`` overrides that change masks: memory knobs and training limits (a method's
+        ``not_in_key`` fields, e.g. ``max_batch``) leave the run in its folder, as they leave the cache keys."""
+        from dataclasses import fields
+
+        from maskbench.methods import METHODS
+
+        names = [m if m in METHODS or "." not in m else m.rpartition(".")[0] for m in self.methods]
+        classes = {n: METHODS.get(n) for n in names if n in METHODS}
+        out = {}
+        for key, value in self.method_params.items():
+            method, dot, name = key.rpartition(".")
+            owners = ([classes[method]] if method in classes else []) if dot else [
+                c for c in classes.values() if name in {f.name for f in fields(c)}]
+            if not owners or any(name not in c.not_in_key for c in owners):
+                out[key] = value
+        return out
 
     def run_dir(self, classifier_sha256: str | None = None) -> Path:
         return Path(self.results_dir) / self.dataset / (self.run_name or self.run_label(classifier_sha256))

@@ -14,24 +14,32 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
+from maskbench.classifiers import get_classifier
 from maskbench.core.device import resolve_device, synchronize
 from maskbench.core.errors import MaskbenchError, ModelChangedError, TrainingIncomplete, UnknownNameError
 from maskbench.core.provenance import code_hash, git_revision, library_versions
 from maskbench.core.registry import import_plugin
 from maskbench.core.storage import cache_root, stable_hash, write_json
 from maskbench.core.store import COMPLETE, MaskCache, RowStore, rows_from_values, with_markers
+from maskbench.datasets import AttributionDataset, Batch, build_dataset, collate
+from maskbench.methods import METHODS, AttributionMethod, MethodContext, build_method, check_masks
+from maskbench.metrics import METRICS, MetricInputs, MetricSpec, value_range
 
 from .config import RunConfig
 from .guard import ModelGuard
+from .preflight import check_run_folders
 from .runs import claim_run_dir, locate_run_dir, resolve_run_dir
+from .tables import diagnostics, load_current_rows, write_tables
 from .threads import apply_threads
 
 SAVE_EVERY_SECONDS = 20.0
@@ -92,15 +100,15 @@ class _Session:
     """What every method of one run shares: data, classifier, stores and keys."""
 
     config: RunConfig
-    datasets: Any  # split -> AttributionDataset
-    test: Any
+    datasets: Callable[[str], AttributionDataset]  # split -> data set
+    test: AttributionDataset
     image_ids: list[str]
     extra_classes: list[int]
     model: torch.nn.Module
     device: torch.device
     cache: Path
     store: RowStore
-    metric_specs: dict[str, Any]
+    metric_specs: dict[str, MetricSpec]
     data_key: str
     clf_key: str
     classifier_info: dict[str, Any] = field(default_factory=dict)
@@ -111,14 +119,12 @@ class _Session:
     threads: dict[str, Any] = field(default_factory=dict)  # intra-op threads used, and why
 
     def method_context(self):
-        from maskbench.methods import MethodContext
 
         return MethodContext(self.model, self.config.dataset, self.datasets, self.test.num_classes, self.device,
                              self.cache, self.config.seed, self.config.progress, self.clf_key,
                              tuple(self.test.mean), tuple(self.test.std))
 
     def load_batch(self, ids: list[str]):
-        from maskbench.datasets import collate
 
         return collate([self.test.load(i) for i in ids]).to(self.device)
 
@@ -126,7 +132,7 @@ class _Session:
 class _MethodRun:
     """One method over the run's images: resume from rows, reuse cached masks, explain the rest, score."""
 
-    def __init__(self, session: _Session, method: Any):
+    def __init__(self, session: _Session, method: AttributionMethod):
         self.s, self.method, self.name = session, method, stored_name(method, session.config.preset)
         self.summary = MethodSummary(self.name, images=len(session.image_ids))
         self.cache_key = method.cache_key()  # hashes the method's code: computed once
@@ -200,8 +206,8 @@ class _MethodRun:
                 f"images are not scored)."
             )
 
-    def _timed_explain(self, batch: Any, classes: torch.Tensor, rows: list[int],
-                       sub_batch: Any = None) -> tuple[torch.Tensor, float]:
+    def _timed_explain(self, batch: Batch, classes: torch.Tensor, rows: list[int],
+                       sub_batch: Batch | None = None) -> tuple[torch.Tensor, float]:
         """Masks of the batch rows ``rows`` and the seconds they took, the device synchronised on both ends."""
         idx = torch.tensor(rows, device=self.s.device)
         if self.method.uses_ground_truth and sub_batch is None:
@@ -213,10 +219,9 @@ class _MethodRun:
         synchronize(self.s.device)
         return out, time.perf_counter() - t0
 
-    def _explain_missing(self, ids: list[str], batch: Any, classes: torch.Tensor, masks: torch.Tensor,
+    def _explain_missing(self, ids: list[str], batch: Batch, classes: torch.Tensor, masks: torch.Tensor,
                          missing: list[int], ok: torch.Tensor) -> None:
         """Explain the images of ``missing`` (indices into the batch), cache their masks, mark failures."""
-        from maskbench.methods import check_masks
 
         self._setup()
         sub = torch.tensor(missing, device=self.s.device)
@@ -261,9 +266,8 @@ class _MethodRun:
         self.timing["device"] = str(self.s.device)
         self.masks.save_timing(self.timing)
 
-    def _score(self, ids: list[str], batch: Any, classes: torch.Tensor, masks: torch.Tensor,
+    def _score(self, ids: list[str], batch: Batch, classes: torch.Tensor, masks: torch.Tensor,
                ok: torch.Tensor) -> None:
-        from maskbench.metrics import MetricInputs
 
         flat = masks.flatten(2)
         constant = (flat.amax(2) - flat.amin(2)) <= 1e-6
@@ -287,7 +291,6 @@ class _MethodRun:
         self.new_rows.append(with_markers(rows))  # a marker row per image counts its other rows
 
     def run(self) -> MethodSummary:
-        from tqdm.auto import tqdm
 
         s, t_method = self.s, time.perf_counter()
         todo = [iid for iid in s.image_ids if iid not in self.done]
@@ -337,7 +340,7 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def stored_name(method: Any, run_preset: str) -> str:
+def stored_name(method: AttributionMethod, run_preset: str) -> str:
     """The name a method's rows are stored and tabled under: its registered name, plus ``.preset`` when it
     runs at another preset than the run's (``rise.paper`` beside ``rise`` in a ``fast`` run)."""
     preset = getattr(method, "preset", run_preset)
@@ -347,9 +350,7 @@ def stored_name(method: Any, run_preset: str) -> str:
 def method_overrides(specs: list[str], params: dict[str, Any]) -> list[dict[str, Any]]:
     """The ``--param`` overrides of each method spec. ``rise.num_masks`` applies to RISE only; a plain ``key``
     applies to every method of the run that has that hyperparameter, and is an error when none has it."""
-    from dataclasses import fields
 
-    from maskbench.methods import METHODS
 
     def registered(spec: str) -> str:
         return spec if spec in METHODS or "." not in spec else spec.rpartition(".")[0]
@@ -372,11 +373,10 @@ def method_overrides(specs: list[str], params: dict[str, Any]) -> list[dict[str,
     return [{**{k: v for k, v in plain.items() if k in has[n]}, **scoped.get(n, {})} for n in names]
 
 
-def build_methods(config: RunConfig) -> list[Any]:
+def build_methods(config: RunConfig) -> list[AttributionMethod]:
     """Import the plugins, then build every requested method (fails fast on a bad name, preset or parameter)."""
     for plugin in config.plugins:
         import_plugin(plugin)
-    from maskbench.methods import build_method
 
     overrides = method_overrides(config.methods, config.method_params)
     return [build_method(spec, preset=config.preset, **over) for spec, over in zip(config.methods, overrides,
@@ -389,11 +389,7 @@ def prepare(config: RunConfig) -> _Session:
     Under ``torch.distributed`` rank 0 prepares first (generating data, training the classifier) while the other
     ranks wait, then they load what it cached.
     """
-    from maskbench.classifiers import get_classifier
-    from maskbench.datasets import build_dataset
-    from maskbench.metrics import METRICS, value_range
 
-    from .preflight import check_run_folders
 
     threads = apply_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -454,7 +450,6 @@ def train(config: RunConfig) -> list[dict[str, Any]]:
     methods = build_methods(config)
     not_learned = [m.name for m in methods if m.family != "learned"]
     if not_learned:
-        from maskbench.methods import METHODS
 
         learned = [n for n in METHODS.list() if METHODS.get(n).family == "learned"]
         raise MaskbenchError(f"Not learned methods, nothing to train: {', '.join(not_learned)}. "
@@ -472,7 +467,6 @@ def run(config: RunConfig) -> RunResult:
     clf_info = session.classifier_info
     summaries = [_MethodRun(session, method).run() for method in methods]
 
-    from .tables import write_tables
 
     run_dir = session.run_dir
     clf_public = {k: v for k, v in clf_info.items() if k != "history"}
@@ -500,7 +494,6 @@ def run(config: RunConfig) -> RunResult:
         "methods": [vars(s) for s in summaries],
         "wall_seconds": round(time.perf_counter() - t_run, 2),
     }
-    from .tables import diagnostics, load_current_rows
 
     loaded = load_current_rows(run_dir)  # read once: the manifest's counts, then every table
     manifest["counts"] = (diagnostics(loaded.rows, loaded.metas).to_dict(orient="records")

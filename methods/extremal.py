@@ -233,6 +233,7 @@ class ExtremalPerturbation(AttributionMethod):
     smooth: float = 0.09  # Gaussian smoothing of each mask, sigma = smooth * min(H, W); 0 = off
     combine: str = "select"  # select | mean | max
     max_batch: int = 256  # (image, class, area) rows optimised together
+    not_in_key = ("max_batch",)  # memory knob: the masks do not depend on it
 
     label = "EP"
     family = "perturbation"

@@ -24,6 +24,7 @@ from .base import AttributionMethod, check_range, image_class_pairs, normalize_m
 @dataclass
 class GradCAM(AttributionMethod):
     max_batch: int = 256  # (image, class) pairs per forward/backward pass
+    not_in_key = ("max_batch",)  # memory knob: the masks do not depend on it
 
     label = "Grad-CAM"
     family = "gradient"
@@ -75,6 +76,7 @@ class GradCAMPlusPlus(AttributionMethod):
     """
 
     max_batch: int = 256
+    not_in_key = ("max_batch",)  # memory knob: the masks do not depend on it
 
     label = "Grad-CAM++"
     family = "gradient"

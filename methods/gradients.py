@@ -52,6 +52,7 @@ def clip_and_normalize(maps: Tensor, percentile: float) -> Tensor:
 @dataclass
 class _GradientMethod(AttributionMethod):
     max_batch: int | None = None  # rows per forward/backward pass; None: see _rows
+    not_in_key = ("max_batch",)  # memory knob: the masks do not depend on it
     clip_percentile: float = 99.0
 
     family = "gradient"

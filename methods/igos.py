@@ -169,6 +169,7 @@ class IGOSPlusPlus(AttributionMethod):
     blur_truncate: float = 0.5  # kernel radius / sigma (cv2 ksize 51 with sigma 50)
     score: str = "sigmoid"  # sigmoid | softmax | logit
     max_batch: int = 256  # composed images per forward(/backward) pass
+    not_in_key = ("max_batch",)  # memory knob: the masks do not depend on it
     seed: int = 0
 
     label = "iGOS++"

@@ -153,6 +153,7 @@ class MeaningfulPerturbation(AttributionMethod):
     perturbation: str = "blur"  # blur | dgmp
     score: str = "sigmoid"  # sigmoid | softmax | logit
     max_batch: int = 256  # (image, class) rows optimised together
+    not_in_key = ("max_batch",)  # memory knob: the masks do not depend on it
     seed: int = 0
 
     label = "MP"

@@ -55,6 +55,7 @@ class RISE(AttributionMethod):
     num_cells: int = 7
     p: float = 0.5
     batch_size: int | None = None  # masked images per forward pass; None: 128 on the CPU, 1024 on a GPU
+    not_in_key = ("batch_size",)  # memory knob: the masks do not depend on it
     seed: int = 0
     score: str = "sigmoid"  # sigmoid | softmax | logit
     normalize: str = "minmax"  # minmax | none

@@ -3,6 +3,8 @@ batch invariance, and the explained model left frozen and in eval mode. Learned 
 for one short epoch on a tiny synthetic set. Methods registered by the tests themselves (``test-*``) are
 left out."""
 
+import dataclasses
+
 import pytest
 import torch
 from mb_testutils import TwoRegionNet, make_batch, quadrant, region_scores, tiny_model
@@ -86,6 +88,32 @@ def test_contract(name, setup, learned_context):
     assert all(not p.requires_grad for p in model.parameters())
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+MEMORY_KNOBS = {n: [f for f in METHODS.get(n).not_in_key if f not in ("max_train_seconds", "checkpoint_every")]
+                for n in CONTRACT_METHODS}
+
+
+@pytest.mark.parametrize("name", [n for n in CONTRACT_METHODS if MEMORY_KNOBS[n]])
+def test_memory_knobs_change_neither_the_masks_nor_the_cache_key(name, setup):
+    """A field in ``not_in_key`` (``max_batch``, RISE's ``batch_size``) only says how much work goes through the
+    model at once: with 1 (every row, or every mask, in its own pass) the masks equal those of the default
+    chunking, and the cache key is the same, so changing it recomputes nothing and must change nothing."""
+    model, batch, classes = setup
+    for knob in MEMORY_KNOBS[name]:
+        default = fast(name, model=model)
+        small = fast(name, model=model)
+        setattr(small, knob, 1)
+        assert getattr(default, knob) != 1
+        assert small.cache_key() == default.cache_key(), knob
+        torch.testing.assert_close(explain(small, model, batch, classes), explain(default, model, batch, classes),
+                                   atol=1e-5, rtol=1e-4)
+        changed = fast(name, model=model)
+        numeric = [f.name for f in dataclasses.fields(changed) if f.name not in changed.not_in_key
+                   and type(getattr(changed, f.name)) in (int, float)]
+        for other in numeric[:1]:  # a hyperparameter that matters is in the key (Grad-CAM has none besides)
+            setattr(changed, other, getattr(changed, other) + 1)
+            assert changed.cache_key() != default.cache_key(), other
 
 
 def test_ground_truth_method_returns_the_class_masks(setup):

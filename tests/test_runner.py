@@ -180,3 +180,19 @@ def test_entry_point_plugins_are_discovered(tmp_path):
     out = subprocess.run([sys.executable, "-m", "maskbench.benchmark", "methods"], capture_output=True, text=True,
                          env=env, check=True)
     assert "fake-method" in out.stdout and "mb_fake_plugin" in out.stdout
+
+
+def test_memory_knobs_leave_the_run_in_its_folder():
+    """``--param`` of a ``not_in_key`` field (a memory knob) names no new results folder; one that changes the
+    masks does. A plain key names a new folder when any method of the run has it as a real hyperparameter."""
+    from maskbench.benchmark.config import RunConfig
+
+    def label(methods, **params):
+        return RunConfig(methods=methods, method_params=params).run_label()
+
+    assert label(["rise", "gradcam"]) == "smallcnn"
+    assert label(["rise", "gradcam"], **{"rise.batch_size": 10}) == "smallcnn"
+    assert label(["rise", "gradcam"], max_batch=4) == "smallcnn"
+    assert label(["rise"], **{"rise.num_masks": 10}).startswith("smallcnn-params-")
+    # batch_size is RISE's memory knob but the Explainer's training batch: it changes the Explainer's masks
+    assert label(["rise", "explainer"], batch_size=8).startswith("smallcnn-params-")
