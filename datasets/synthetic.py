@@ -635,15 +635,10 @@ def options_hash(options: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def cache_dir() -> Path:
-    """The run's cache folder (``--cache``, set by the runner before it builds data sets), else
-    ``$MASKBENCH_CACHE`` or ``~/.cache/maskbench``: one cache holds a run's data, digests, models and masks."""
-    return memo_dir()
-
-
 def default_synthetic_root(**options: Any) -> Path:
-    """``<cache>/data/synthetic-<hash>`` for the given generator options (``_options`` keys)."""
-    return cache_dir() / "data" / f"synthetic-{options_hash(_options(**options))}"
+    """``<cache>/data/synthetic-<hash>`` for the given generator options (``_options`` keys), in the run's cache
+    (:func:`~maskbench.datasets.digests.memo_dir`)."""
+    return memo_dir() / "data" / f"synthetic-{options_hash(_options(**options))}"
 
 
 # --------------------------------------------------------------------------------------------------
