@@ -1,11 +1,12 @@
 """The ``maskbench`` command line.
 
     maskbench bench   [--dataset synthetic] [--model smallcnn] [--methods gradcam,rise] [--limit N] ...
-    maskbench tables  [--results results]          rebuild every table from stored rows (no model)
+    maskbench tables  [--results results] [--plugin mod]   rebuild every table from stored rows (no model)
     maskbench verify  [--run results/synthetic/smallcnn]   recompute a run from an empty cache, compare cells
                       [--resamples 1000 --seed 0 --no-ci]
     maskbench methods [--plugin mod]               list registered methods, presets and origin
-    maskbench datasets | models | metrics          list the other registries
+    maskbench metrics [--plugin mod]               list registered metrics, polarity, table and origin
+    maskbench datasets | models                    list the other registries
     maskbench generate-synthetic --out DIR         write the synthetic data set (VOC + COCO formats)
 
 Errors that come from bad input print one line naming the culprit (and the valid choices) and exit with 2.
@@ -30,6 +31,8 @@ EXAMPLES = """examples:
   maskbench bench --plugin examples/input_x_gradient.py --methods input-x-gradient
   maskbench bench --methods rise,gradcam --param rise.num_masks=4000
   maskbench tables                                  # rebuild results/*/*/*.csv|.tex from stored rows
+  maskbench bench --plugin examples/energy_pointing.py --methods gradcam,rise   # a plugin metric (and its table)
+  maskbench tables --plugin examples/energy_pointing.py   # tables of stored rows, plugin metrics' tables included
 """
 
 
@@ -90,7 +93,13 @@ def _config(args: argparse.Namespace, **extra: object) -> RunConfig:
 
 def _add_plugin_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
-                   help="import a module (dotted name or .py path) that registers methods; repeatable")
+                   help="import a module (dotted name or .py path) that registers methods, metrics or tables; "
+                   "repeatable")
+
+
+def _import_plugins(args: argparse.Namespace) -> None:
+    for p in args.plugin:
+        import_plugin(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bootstrap resamples over images for the 95%% intervals (default 1000)")
     t.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
     t.add_argument("--no-ci", dest="ci", action="store_false", help="LaTeX without the +- interval half-widths")
+    _add_plugin_arg(t)  # plugin metrics declare their tables: import them to rebuild those too
 
     v = sub.add_parser("verify", help="recompute a stored run from an empty cache and compare every table cell")
     v.add_argument("--run", default="results/synthetic/smallcnn",
@@ -141,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin_arg(m)
     sub.add_parser("datasets", help="list registered data sets")
     sub.add_parser("models", help="list registered classifiers")
-    sub.add_parser("metrics", help="list registered metrics")
+    mt = sub.add_parser("metrics", help="list registered metrics")
+    _add_plugin_arg(mt)
 
     pf = sub.add_parser("perf", help="time our methods against the reference implementations (make perf)")
     pf.add_argument("--images", type=int, default=8, help="images for the side-by-side runs (default: %(default)s)")
@@ -233,16 +244,38 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unregistered_metrics(results: str) -> dict[Path, list[str]]:
+    """Per run folder, the metrics its last ``bench`` scored (``manifest.json``) that are not registered now:
+    their stored rows are kept, but their tables cannot be rebuilt without the plugin that defines them."""
+    from maskbench.core.storage import read_json
+    from maskbench.metrics import METRICS
+
+    out = {}
+    for manifest in sorted(Path(results).glob("*/*/manifest.json")):
+        try:
+            scored = read_json(manifest).get("metrics", {})
+        except (OSError, ValueError, AttributeError):
+            continue  # tables reports damaged run files itself
+        missing = [m for m in scored if m not in METRICS]
+        if missing:
+            out[manifest.parent] = missing
+    return out
+
+
 def _cmd_tables(args: argparse.Namespace) -> int:
     from .tables import write_all_tables
 
     if args.resamples < 1:
         raise MaskbenchError(f"--resamples must be at least 1, got {args.resamples}.")
+    _import_plugins(args)
     written = write_all_tables(args.results, resamples=args.resamples, seed=args.seed, ci=args.ci)
     if not written:
         raise MaskbenchError(f"No stored results under '{args.results}' (expected <dataset>/<model>/per_image/).")
     for p in written:
         print(p)
+    for run_dir, missing in _unregistered_metrics(args.results).items():
+        print(f"note: {run_dir} has rows of metric(s) {', '.join(missing)}, which no imported module registers: "
+              f"their tables were not rebuilt (pass the plugin that defines them with --plugin).", file=sys.stderr)
     return 0
 
 
@@ -256,8 +289,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    for p in args.plugin:
-        import_plugin(p)
+    _import_plugins(args)
     from maskbench.methods import METHODS, method_presets
 
     print(f"{'name':<18} {'family':<13} {'presets':<12} origin")
@@ -267,18 +299,27 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    _import_plugins(args)
+    from maskbench.metrics import METRICS, MetricSpec
+
+    print(f"{'name':<16} {'better':<7} {'table':<18} {'origin':<36} description")
+    for name in METRICS.list():
+        spec: MetricSpec = METRICS.get(name)
+        origin = METRICS.origin(name)  # the module that registered it
+        print(f"{name:<16} {'higher' if spec.higher_is_better else 'lower':<7} {spec.table:<18} {origin:<36} "
+              f"{spec.description}")
+    return 0
+
+
 def _cmd_list(kind: str) -> int:
     if kind == "datasets":
         from maskbench.datasets import DATASETS as reg
-    elif kind == "models":
-        from maskbench.classifiers import CLASSIFIERS as reg
     else:
-        from maskbench.metrics import METRICS as reg
+        from maskbench.classifiers import CLASSIFIERS as reg
     for name in reg.list():
         obj = reg.get(name)
         desc = getattr(obj, "description", "") or (obj.__doc__ or "").strip().split("\n")[0]
-        if kind == "metrics":
-            desc = f"{'higher' if obj.higher_is_better else 'lower'} is better; table {obj.table}; {desc}"
         print(f"{name:<16} {desc}")
     return 0
 
@@ -325,7 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "methods":
             return _cmd_methods(args)
-        if args.command in ("datasets", "models", "metrics"):
+        if args.command == "metrics":
+            return _cmd_metrics(args)
+        if args.command in ("datasets", "models"):
             return _cmd_list(args.command)
         if args.command == "generate-synthetic":
             return _cmd_generate(args)

@@ -1,8 +1,12 @@
 """The runner: wires data set -> classifier -> methods -> masks (cached) -> metrics (per-image rows) -> tables.
 
-Nothing else in maskbench knows about every component. Resuming: a (method, image) pair whose rows exist
-under the current run key (and pass validation, :func:`~maskbench.core.store.validate_rows`) is skipped
-without loading anything; a pair whose masks are cached is scored from the cache; only the rest is explained.
+Nothing else in maskbench knows about every component. Resuming: rows carry a key per (method run, metric): the
+run key names the masks (method code and configuration, classifier, data), each metric's key adds the metric's
+name and version. An (image, metric) pair whose rows exist under its current key (and pass validation,
+:func:`~maskbench.core.store.validate_rows`) is not scored again, so adding or changing a metric scores that
+metric alone, and a run without a plugin metric keeps its rows; an image all of whose metrics are stored is
+skipped without loading anything; a pair whose masks are cached is scored from the cache; only the rest is
+explained.
 Failures (a method raising, NaN maps) are counted per method, listed in the manifest, and never turned into
 numbers. The run writes to the folder of its identity (:mod:`maskbench.benchmark.runs`); the explained model is
 checked after each method batch (:class:`~maskbench.benchmark.guard.ModelGuard`), and a method that changed it
@@ -136,21 +140,36 @@ class _MethodRun:
         self.s, self.method, self.name = session, method, stored_name(method, session.config.preset)
         self.summary = MethodSummary(self.name, images=len(session.image_ids))
         self.cache_key = method.cache_key()  # hashes the method's code: computed once
-        metric_versions = {n: spec.version for n, spec in session.metric_specs.items()}
+        # the masks' identity (method code and configuration, classifier, data), then one key per metric on them:
+        # adding, removing or changing a metric scores that metric alone, and the other metrics' rows stay
         self.run_key = stable_hash({"method": self.cache_key, "classifier": session.clf_key,
-                                    "data": session.data_key, "metrics": metric_versions})
+                                    "data": session.data_key})
+        self.metric_keys = {n: stable_hash({"masks": self.run_key, "metric": n, "version": spec.version})
+                            for n, spec in session.metric_specs.items()}
         self.masks = MaskCache(session.cache / "masks" / session.data_key / session.clf_key
                                / f"{self.name}-{self.cache_key}")
         found = session.store.check(self.name)  # validated: damaged images are recomputed, never "undefined"
         self.summary.warnings += [f"damaged row, recomputed: {p}" for p in found.problems[:10]]
         rows = found.rows
-        current = rows[rows["run_key"] == self.run_key] if session.config.resume else rows.iloc[0:0]
-        # an image is done when its rows were stored (each scored image carries a COMPLETE marker row)
-        self.done = set(current.loc[current["metric"] == COMPLETE, "image_id"])
-        self.kept = current[current["image_id"].isin(self.done)]
-        self.new_rows: list[pd.DataFrame] = []
         previous = session.store.load_meta(self.name, strict=False)
-        self.same_key_as_before = previous.get("run_key") == self.run_key
+        # rows of metrics not registered in this run (a plugin left out), on the same masks: kept as they are
+        foreign = {n: k for n, k in previous.get("metric_keys", {}).items()
+                   if n not in self.metric_keys and previous.get("run_key") == self.run_key}
+        self.stored_keys = {**foreign, **self.metric_keys}
+        current = rows[rows["run_key"].isin(set(self.stored_keys.values()))] if session.config.resume \
+            else rows.iloc[0:0]
+        # an (image, metric) pair is done when its rows were stored: each carries a COMPLETE marker row
+        marks = current[current["metric"] == COMPLETE]
+        done_pairs = set(zip(marks["run_key"], marks["image_id"], strict=True))
+        self.todo_metrics = {iid: [n for n, k in self.metric_keys.items() if (k, iid) not in done_pairs]
+                             for iid in session.image_ids}
+        self.done = {iid for iid, names in self.todo_metrics.items() if not names}
+        pairs = pd.Series(list(zip(current["run_key"], current["image_id"], strict=True)), index=current.index,
+                          dtype=object)
+        self.kept = current[pairs.isin(done_pairs)] if len(current) else current
+        self.new_rows: list[pd.DataFrame] = []
+        self.same_key_as_before = (previous.get("run_key") == self.run_key
+                                   and previous.get("metric_keys") == self.stored_keys)
         code = code_hash(type(method))
         if previous.get("code_hash") not in (None, code):
             self.summary.warnings.append(f"code changed since the stored rows (code hash {previous['code_hash']} "
@@ -176,7 +195,8 @@ class _MethodRun:
         self.s.store.save_meta(self.name, {
             "method": self.name, "label": self.label(), "family": m.family, "paper": m.paper,
             "preset": getattr(m, "preset", "paper"), "config": m.config(), "cache_key": self.cache_key,
-            "run_key": self.run_key, "classifier_sha256": self.s.clf_key, "data_key": self.s.data_key,
+            "run_key": self.run_key, "metric_keys": self.stored_keys,
+            "classifier_sha256": self.s.clf_key, "data_key": self.s.data_key,
             "code_hash": self.code_hash, "registered_name": m.name, "origin": type(m).__module__,
             "timing": self.timing, "setup": self.summary.setup, "complete": final and self.summary.failed == 0,
         })
@@ -278,17 +298,26 @@ class _MethodRun:
         kb = batch if len(keep) == len(ids) else batch.select(keep)
         kt = torch.tensor(keep, device=self.s.device)
         inputs = MetricInputs(self.s.model, kb.images, masks[kt], classes[kt], kb)
-        values: dict[str, list[float]] = {}
+        kept_ids = [ids[j] for j in keep]
+        wanted = {n for iid in kept_ids for n in self.todo_metrics.get(iid, self.metric_keys)}
+        parts = []
         for n, spec in self.s.metric_specs.items():
+            if n not in wanted:  # stored for every image of the batch already
+                continue
             result = spec.fn(inputs)
             if isinstance(result, dict):  # a table of values per image, e.g. classmask/t<target>/m<mask>
-                values.update({f"{n}/{key}": v.float().cpu().tolist() for key, v in result.items()})
+                values = {f"{n}/{key}": v.float().cpu().tolist() for key, v in result.items()}
             else:
-                values[n] = result.float().cpu().tolist()
-        rows = rows_from_values([ids[j] for j in keep], values, self.run_key)
+                values = {n: result.float().cpu().tolist()}
+            todo = [iid for iid in kept_ids if n in self.todo_metrics.get(iid, self.metric_keys)]
+            metric_rows = rows_from_values(kept_ids, values, self.metric_keys[n])
+            parts.append(metric_rows[metric_rows["image_id"].isin(todo)])
+        if not parts:
+            return
+        rows = pd.concat(parts, ignore_index=True)
         # cells of a per-image table that do not apply to an image (NaN) are left out; scalar NaN are kept
         rows = rows[~(rows["metric"].str.contains("/") & rows["value"].isna())]
-        self.new_rows.append(with_markers(rows))  # a marker row per image counts its other rows
+        self.new_rows.append(with_markers(rows))  # a marker row per (metric, image) counts its other rows
 
     def run(self) -> MethodSummary:
 

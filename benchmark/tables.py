@@ -87,7 +87,9 @@ def load_current_rows(run_dir: Path) -> StoredRun:
             if other:
                 excluded[m] = f"computed with another {' and '.join(k.split('_')[0] for k in other)} than this run"
                 continue
-        rows = store.load(stem, run_key=meta.get("run_key"))
+        rows = store.load(stem)
+        keys = set(meta.get("metric_keys", {}).values()) or {meta.get("run_key")}  # one run key: older sidecars
+        rows = rows[rows["run_key"].isin(keys)]
         if image_ids is not None:
             rows = rows[rows["image_id"].isin(set(image_ids))]
         if rows.empty:

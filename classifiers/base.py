@@ -173,7 +173,7 @@ class ClassifierSpec:
 
 
 def _register(spec: ClassifierSpec) -> None:
-    CLASSIFIERS.register(spec.name, spec)
+    CLASSIFIERS.register(spec.name, spec, origin=getattr(spec.build, "__module__", None))
 
 
 _register(

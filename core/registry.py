@@ -39,10 +39,13 @@ class Registry(Generic[T]):
         self._origin: dict[str, str] = {}
         self._entry_points_loaded = entry_point_group is None
 
-    def register(self, name: str | None = None, obj: T | None = None, **meta: Any) -> Callable[[T], T] | T:
+    def register(self, name: str | None = None, obj: T | None = None, *, origin: str | None = None,
+                 **meta: Any) -> Callable[[T], T] | T:
         """Register ``obj`` under ``name`` (default: its ``name`` attribute or ``__name__``).
 
-        Used as ``@registry.register("rise")`` or ``registry.register("rise", RISE)``.
+        Used as ``@registry.register("rise")`` or ``registry.register("rise", RISE)``. ``origin``: the module
+        that registers it (default: the object's ``__module__``; a spec object built by a helper passes the
+        module of the function or caller it describes).
         """
 
         def wrapper(item: T) -> T:
@@ -55,7 +58,7 @@ class Registry(Generic[T]):
                 )
             self._items[key] = item
             self._meta[key] = dict(meta)
-            self._origin[key] = getattr(item, "__module__", "?")
+            self._origin[key] = origin or getattr(item, "__module__", "?")
             return item
 
         if obj is not None:
@@ -85,8 +88,12 @@ class Registry(Generic[T]):
                     f"{self.kind} named '{ep.name}' is already registered (from {self._origin[ep.name]})."
                 )
 
-    def get(self, name: str) -> T:
-        self.load_entry_points()
+    def get(self, name: str, *, entry_points: bool = True) -> T:
+        """The object registered as ``name``. ``entry_points=False`` looks only at what is registered so far,
+        without loading the entry-point group: for lookups made while the package that owns the registry is
+        still being imported (a plugin importing that package would find it half-initialised)."""
+        if entry_points:
+            self.load_entry_points()
         try:
             return self._items[name]
         except KeyError:

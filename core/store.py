@@ -5,9 +5,10 @@
   ``timing.json`` says how long the cached masks took to compute, so re-scoring them with new metrics keeps the
   measured compute time.
 * :class:`RowStore` keeps, per method, the long-format per-image rows ``image_id, metric, value`` in
-  ``per_image/<method>.csv`` with a ``run_key`` column (method key + classifier + data + metric versions), and a
-  sidecar ``per_image/<method>.json`` with what tables need to know about the method (label, family, preset,
-  config, timings, counts). Rows whose ``run_key`` differs from the current one are stale and recomputed.
+  ``per_image/<method>.csv`` with a ``run_key`` column (the metric's key: method key + classifier + data, then
+  the metric's name and version), and a sidecar ``per_image/<method>.json`` with what tables need to know about
+  the method (label, family, preset, config, the current key of each metric, timings, counts). Rows whose key is
+  not a current one are stale and recomputed.
 
 Every write is atomic (temporary file + rename), so an interrupted run loses at most the batch in flight.
 """

@@ -67,8 +67,10 @@ class COCODataset(AttributionDataset):
         self.ann_file = Path(ann_file) if ann_file is not None else default_ann
         self.image_dir = Path(image_dir) if image_dir is not None else root_p / split
         if not self.ann_file.is_file():
+            found = sorted(f.stem[len("instances_"):] for f in (root_p / "annotations").glob("instances_*.json"))
             raise DataError(
-                f"COCO annotation file not found: {self.ann_file} (expected an instances_<split>.json)."
+                f"COCO annotation file not found: {self.ann_file} (expected an instances_<split>.json). "
+                f"Available splits: {', '.join(found) if found else '(none)'}."
             )
         if not self.image_dir.is_dir():
             raise DataError(f"COCO image folder not found: {self.image_dir}.")

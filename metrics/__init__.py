@@ -17,6 +17,8 @@ from .base import (
     true_class_slots,
     value_range,
 )
+from .localisation import box_union_masks
 
-__all__ = ["METRICS", "TABLES", "MetricInputs", "MetricSpec", "TableInputs", "TableSpec", "merge_true_class_masks",
-           "metric_statistic", "register_metric", "register_table", "table_specs", "true_class_slots", "value_range"]
+__all__ = ["METRICS", "TABLES", "MetricInputs", "MetricSpec", "TableInputs", "TableSpec", "box_union_masks",
+           "merge_true_class_masks", "metric_statistic", "register_metric", "register_table", "table_specs",
+           "true_class_slots", "value_range"]

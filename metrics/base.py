@@ -17,6 +17,7 @@ declared here. Plugin metrics register the same way (``--plugin`` or the entry-p
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -91,7 +92,7 @@ def register_metric(
         doc = (fn.__doc__ or "").strip().splitlines()
         spec = MetricSpec(name, fn, higher_is_better, table, label or name, version, doc[0] if doc else "",
                           (float(valid_range[0]), float(valid_range[1])), tuple((diagnostics or {}).items()))
-        METRICS.register(name, spec)
+        METRICS.register(name, spec, origin=fn.__module__)
         return fn
 
     return wrapper
@@ -195,14 +196,17 @@ TABLES: Registry = Registry("table")
 
 
 def register_table(spec: TableSpec) -> TableSpec:
-    """Declare a table (called in the module that defines its metrics)."""
-    TABLES.register(spec.name, spec)
+    """Declare a table (called in the module that defines its metrics, which becomes its origin)."""
+    TABLES.register(spec.name, spec, origin=sys._getframe(1).f_globals.get("__name__", "?"))
     return spec
 
 
 def metric_statistic(name: str) -> Statistic:
-    """The mean over images of a registered scalar metric, with its label, polarity and description."""
-    spec: MetricSpec = METRICS.get(name)
+    """The mean over images of a registered scalar metric, with its label, polarity and description.
+
+    Built-in tables call it while ``maskbench.metrics`` is being imported, so it never loads the entry points
+    (an entry-point plugin imports ``maskbench.metrics`` itself); the metric must be registered already."""
+    spec: MetricSpec = METRICS.get(name, entry_points=False)
     return mean_of(name, spec.label, spec.higher_is_better, spec.description)
 
 
