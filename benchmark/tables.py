@@ -122,7 +122,7 @@ def diagnostics(rows: pd.DataFrame, metas: dict[str, dict]) -> pd.DataFrame:
         undefined = scalar.groupby("metric")["value"].apply(lambda v: int(v.isna().sum()))
         recs.append({
             "method": m, "label": metas[m].get("label", m), "family": metas[m].get("family", ""),
-            "images": int((r["metric"] == COMPLETE).sum()),
+            "images": int(r.loc[r["metric"] == COMPLETE, "image_id"].nunique()),  # a marker per (metric, image)
             **{col: int(sums.get(cell, 0)) for col, cell in counts},
             "undefined": ";".join(f"{k}={v}" for k, v in undefined.items() if v),
         })

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
 from maskbench.classifiers import SmallCNN, freeze
+from maskbench.core.registry import Registry
 from maskbench.datasets.base import Batch
 
 
@@ -160,3 +165,25 @@ def run_config(data_root, cache_dir, results, **kw):
 
     return RunConfig(**{"data_root": str(data_root), "cache_dir": str(cache_dir), "results_dir": str(results),
                         "progress": False, **kw})
+
+
+@contextmanager
+def registries_restored(*registries: Registry) -> Iterator[None]:
+    """Whatever is registered inside the block is unregistered on leaving it, and plugin modules first imported
+    inside it are forgotten (so a later ``import_plugin`` of the same file registers again). The registry has
+    no public way to unregister, hence its private dicts; entry points are loaded before the snapshot so that
+    they are never dropped."""
+    for reg in registries:
+        reg.load_entry_points()
+    saved = [(reg, dict(reg._items), dict(reg._meta), dict(reg._origin)) for reg in registries]
+    modules = {m for m in sys.modules if m.startswith("maskbench_plugin_")}
+    try:
+        yield
+    finally:
+        for reg, items, meta, origin in saved:
+            for attr, old in (("_items", items), ("_meta", meta), ("_origin", origin)):
+                current = getattr(reg, attr)
+                current.clear()
+                current.update(old)
+        for m in [m for m in sys.modules if m.startswith("maskbench_plugin_") and m not in modules]:
+            del sys.modules[m]

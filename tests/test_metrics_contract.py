@@ -12,18 +12,16 @@ plugin's metric or table."""
 from __future__ import annotations
 
 import math
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from mb_testutils import registries_restored
 from torch import Tensor, nn
 
-from maskbench.core.registry import Registry, import_plugin
+from maskbench.core.registry import import_plugin
 from maskbench.core.stats import Statistic, column_means
 from maskbench.datasets.base import Batch
 from maskbench.methods import METHODS
@@ -31,38 +29,15 @@ from maskbench.metrics import METRICS, TABLES, MetricInputs, TableSpec, table_sp
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = REPO / "examples" / "energy_pointing.py"
-_REGISTRIES: tuple[Registry, ...] = (METRICS, TABLES, METHODS)
-
-
-@contextmanager
-def registries_restored() -> Iterator[None]:
-    """Whatever is registered inside the block is unregistered on leaving it, and plugin modules first imported
-    inside it are forgotten (so a later ``import_plugin`` of the same file registers again). The registry has
-    no public way to unregister, hence its private dicts; entry points are loaded before the snapshot so that
-    they are never dropped."""
-    for reg in _REGISTRIES:
-        reg.load_entry_points()
-    saved = [(reg, dict(reg._items), dict(reg._meta), dict(reg._origin)) for reg in _REGISTRIES]
-    modules = {m for m in sys.modules if m.startswith("maskbench_plugin_")}
-    try:
-        yield
-    finally:
-        for reg, items, meta, origin in saved:
-            for attr, old in (("_items", items), ("_meta", meta), ("_origin", origin)):
-                current = getattr(reg, attr)
-                current.clear()
-                current.update(old)
-        for m in [m for m in sys.modules if m.startswith("maskbench_plugin_") and m not in modules]:
-            del sys.modules[m]
 
 
 def import_example_plugin() -> None:
-    """The plugin example is being written by another developer: imported only when the file exists."""
-    if PLUGIN.is_file():
-        import_plugin(str(PLUGIN))
+    """The plugin example of the README, run through the same contract as the built-in metrics."""
+    assert PLUGIN.is_file(), PLUGIN
+    import_plugin(str(PLUGIN))
 
 
-with registries_restored():
+with registries_restored(METRICS, TABLES, METHODS):
     BUILTIN_METRICS = METRICS.list()
     import_example_plugin()
     CONTRACT_METRICS = METRICS.list()
@@ -72,7 +47,7 @@ with registries_restored():
 @pytest.fixture(scope="module", autouse=True)
 def plugin_registered():
     """The plugin's metric (and table) registered for this module's tests only."""
-    with registries_restored():
+    with registries_restored(METRICS, TABLES, METHODS):
         import_example_plugin()
         assert METRICS.list() == CONTRACT_METRICS
         yield

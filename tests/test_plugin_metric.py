@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from mb_testutils import tiny_synthetic
+from mb_testutils import registries_restored, tiny_synthetic
 
 from maskbench.benchmark.cli import main
 from maskbench.core.registry import import_plugin
@@ -102,25 +102,10 @@ def test_readme_metric_runs_through_the_cli(data_root, cache_dir, tmp_path):
 
 @contextmanager
 def plugin_imported(path: Path):
-    """``import_plugin(path)`` for the block only: what it registers in METRICS and TABLES is unregistered on
-    leaving, and its module forgotten. The registry has no public way to unregister, hence its private dicts;
-    entry points are loaded before the snapshot so that they are never dropped."""
-    saved = []
-    for reg in (METRICS, TABLES):
-        reg.load_entry_points()
-        saved.append((reg, {attr: dict(getattr(reg, attr)) for attr in ("_items", "_meta", "_origin")}))
-    modules = set(sys.modules)
-    try:
+    """``import_plugin(path)`` for the block only: what it registers is unregistered on leaving."""
+    with registries_restored(METRICS, TABLES):
         import_plugin(str(path))
         yield
-    finally:
-        for reg, dicts in saved:
-            for attr, old in dicts.items():
-                getattr(reg, attr).clear()
-                getattr(reg, attr).update(old)
-        for name in set(sys.modules) - modules:
-            if name.startswith("maskbench_plugin_"):
-                del sys.modules[name]
 
 
 @pytest.fixture()
@@ -377,3 +362,6 @@ def test_a_metric_added_removed_or_changed_is_scored_alone_and_no_rows_are_lost(
         assert sum(sys.modules["maskbench_plugin_mask_mean"].CALLS) == 8 and calls == {"iou": 0}
     again = pd.read_csv(per_image / "ground-truth.csv")
     assert len(again) == len(after)  # the version-1 rows were replaced, not added to
+    # each image carries one marker per metric: the tables still count images, not markers
+    diag = pd.read_csv(per_image.parent / "diagnostics.csv")
+    assert list(diag["images"]) == [4, 4], diag
