@@ -108,12 +108,17 @@ def plugin_imported(path: Path):
         yield
 
 
-@pytest.fixture()
-def energy_pointing():
-    """The example's metric, imported as ``--plugin`` imports it, for this module's tests only."""
-    with plugin_imported(EXAMPLE):
+@pytest.fixture(params=["example", "readme"])
+def energy_pointing(request, tmp_path):
+    """The metric of the example file, or of the README's code block (the same known answers hold for both),
+    imported as ``--plugin`` imports it, for this module's tests only."""
+    source = EXAMPLE
+    if request.param == "readme":
+        source = tmp_path / "readme_energy_pointing.py"
+        source.write_text(readme_metric_block())
+    with plugin_imported(source):
         spec = METRICS.get("energy-pointing")
-        assert Path(inspect.getsourcefile(inspect.unwrap(spec.fn))).resolve() == EXAMPLE.resolve()
+        assert Path(inspect.getsourcefile(inspect.unwrap(spec.fn))).resolve() == source.resolve()
         yield spec
 
 
