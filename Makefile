@@ -13,7 +13,7 @@ else
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: venv bench test tables verify perf perf-threads lint clean-venv
+.PHONY: venv bench download test tables verify perf perf-threads lint clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ venv: $(VENV)/.installed
 
 bench: venv
 	$(PY) -m maskbench.benchmark bench --dataset $(DATASET) $(ARGS)
+
+# download: fetch, verify and extract VOC-2007 (DATASET=voc) or COCO-2014 (DATASET=coco) into the cache
+download: venv
+	$(PY) -m maskbench.benchmark download $(DATASET) $(ARGS)
 
 test: venv
 	$(PY) -m ruff check .

@@ -8,6 +8,7 @@
     maskbench metrics [--plugin mod]               list registered metrics, polarity, table and origin
     maskbench datasets | models                    list the other registries
     maskbench generate-synthetic --out DIR         write the synthetic data set (VOC + COCO formats)
+    maskbench download voc|coco [--root DIR]       fetch, verify and extract the official archives (resumable)
 
 Errors that come from bad input print one line naming the culprit (and the valid choices) and exit with 2.
 """
@@ -175,6 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--images", type=int, default=24)
     th.add_argument("--out", default="results/perf")
 
+    d = sub.add_parser("download", help="fetch, verify and extract VOC-2007 or COCO-2014 from the official archives")
+    d.add_argument("dataset", help="voc or coco")
+    d.add_argument("--root", default=None, help="where to extract (default: <cache>/data/<dataset>, where bench "
+                   "looks when --data-root and $MASKBENCH_<DATASET>_ROOT are unset)")
+    d.add_argument("--mirror", default=None, help="base URL replacing the official one for every archive "
+                   "(default: $MASKBENCH_<DATASET>_MIRROR)")
+    d.add_argument("--checksums", default=None, help="md5sum file for a mirror's archives "
+                   "(default: $MASKBENCH_<DATASET>_CHECKSUMS, else the published checksums)")
+    d.add_argument("--archives", dest="archive_dir", default=None,
+                   help="where the archives are downloaded (default: <cache>/downloads/<dataset>)")
+    d.add_argument("--delete-archives", dest="keep_archives", action="store_false",
+                   help="delete the archives after a successful extraction")
+    d.add_argument("--skip-checksum", action="store_true", help="do not verify the archives (said in the record)")
+    d.add_argument("--no-progress", dest="progress", action="store_false")
+
     g = sub.add_parser("generate-synthetic", help="write the synthetic data set in VOC and COCO formats")
     g.add_argument("--out", required=True)
     g.add_argument("--n-train", type=int, default=4800)
@@ -324,6 +340,14 @@ def _cmd_list(kind: str) -> int:
     return 0
 
 
+def _cmd_download(args: argparse.Namespace) -> int:
+    from maskbench.datasets.download import download
+
+    download(args.dataset, args.root, mirror=args.mirror, checksums=args.checksums, archive_dir=args.archive_dir,
+             keep_archives=args.keep_archives, skip_checksum=args.skip_checksum, progress=args.progress)
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from maskbench.datasets import generate_synthetic
 
@@ -372,6 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_list(args.command)
         if args.command == "generate-synthetic":
             return _cmd_generate(args)
+        if args.command == "download":
+            return _cmd_download(args)
         if args.command == "perf":
             return _cmd_perf(args)
     except MaskbenchError as exc:

@@ -36,6 +36,7 @@ from pycocotools.coco import COCO
 from maskbench.core.errors import DataError
 
 from .base import DATASETS, AttributionDataset, Sample, check_image_size
+from .download import how_to_download
 from .voc import _root_from_env, image_to_tensor, load_rgb, output_size, resize_nearest, resize_rgb
 
 
@@ -62,7 +63,8 @@ class COCODataset(AttributionDataset):
         super().__init__(str(root), split, image_size)
         root_p = Path(root)
         if not root_p.exists():
-            raise DataError(f"COCO data root not found: {root_p} (expected annotations/ and image folders).")
+            raise DataError(f"COCO data root not found: {root_p} (expected annotations/ and image folders); "
+                            f"{how_to_download('coco', root_p)}.")
         default_ann = root_p / "annotations" / f"instances_{split}.json"
         self.ann_file = Path(ann_file) if ann_file is not None else default_ann
         self.image_dir = Path(image_dir) if image_dir is not None else root_p / split

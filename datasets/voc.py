@@ -41,6 +41,7 @@ from PIL import Image
 from maskbench.core.errors import DataError
 
 from .base import DATASETS, AttributionDataset, Sample, check_image_size
+from .download import RECORD, default_root, how_to_download
 
 VOC_CLASSES: list[str] = [
     "aeroplane",
@@ -133,7 +134,8 @@ def _find_voc_dir(root: Path, year: str) -> Path:
     """Accept the folder containing ``VOCdevkit``, the ``VOCdevkit`` folder or ``VOC<year>`` itself."""
     if not root.exists():
         raise DataError(
-            f"VOC data root not found: {root} (expected a folder containing VOCdevkit/VOC{year})."
+            f"VOC data root not found: {root} (expected a folder containing VOCdevkit/VOC{year}); "
+            f"{how_to_download('voc', root)}."
         )
     candidates = [root / "VOCdevkit" / f"VOC{year}", root / f"VOC{year}", root]
     for cand in candidates:
@@ -356,15 +358,19 @@ class VOCDataset(AttributionDataset):
 
 
 def _root_from_env(root: str | os.PathLike[str] | None, env_var: str, name: str) -> str:
+    """``root``, else ``$<env_var>``, else the folder ``maskbench download <name>`` fills by default."""
     if root is not None:
         return str(root)
     value = os.environ.get(env_var)
-    if not value:
-        raise DataError(
-            f"No root given for the '{name}' dataset and the environment variable {env_var} is not set: "
-            f"pass root=... or set {env_var} to the data folder."
-        )
-    return value
+    if value:
+        return value
+    downloaded = default_root(name)
+    if (downloaded / RECORD).is_file():
+        return str(downloaded)
+    raise DataError(
+        f"No root given for the '{name}' dataset, {env_var} is not set and {downloaded} holds no download: pass "
+        f"--data-root (root=...), set {env_var}, or {how_to_download(name)}."
+    )
 
 
 @DATASETS.register("voc")
