@@ -56,8 +56,11 @@ class TrainRecipe:
 
 
 class Classifier(nn.Module):
-    """Base of the registered classifiers."""
+    """Base of the registered classifiers. ``probabilities``: how logits become class probabilities, ``sigmoid``
+    for a multi-label classifier (one per class, trained with BCE), ``softmax`` for a single-label one
+    (:mod:`maskbench.core.scores`: the methods' ``score="auto"`` and the metrics read it)."""
 
+    probabilities: str = "sigmoid"
     num_classes: int
     cam_layer: nn.Module
     feature_layers: list[nn.Module]

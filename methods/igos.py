@@ -41,8 +41,9 @@ Differences from the reference code (github.com/khorrams/IGOS_pp, ``methods.iGOS
   ``ig_iter=args.iterations``, so its command line runs 20 iterations of 15 steps; we use the documented values
   (15 iterations, 20 steps: the defaults of ``iGOS_pp`` and of ``args.py``). Its ``main.py`` also never passes
   ``opt``, so the line search (``opt="LS"``) always runs, as here; Nesterov (``NAG``) is not implemented.
-* score: ``score="sigmoid"`` (the class sigmoid) by default, because the benchmark's classifiers are
-  multi-label; ``"softmax"`` is the reference's choice (single-label ImageNet), ``"logit"`` the raw logit.
+* score: ``score="auto"``, the classifier's own class probability: the class sigmoid of a multi-label
+  (VOC/COCO) classifier, the softmax of a single-label (ImageNet) one, which is the reference's choice;
+  ``"sigmoid"`` / ``"softmax"`` force one, ``"logit"`` is the raw logit.
 * noise: the reference draws fresh noise for every evaluation, so its Armijo test compares objectives under
   different noise; we draw it once per iteration and use it for the gradient, for f(m) (read from the gradient
   pass, which saves one evaluation) and for every trial step, so the test compares masks, not noise draws. The
@@ -80,7 +81,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskbench.core.images import REFERENCE_SIZE, gaussian_blur, image_seed, scaled_sigma
-from maskbench.core.scores import SCORES, class_score
+from maskbench.core.scores import METHOD_SCORES, class_score, resolve_score
 
 from .base import AttributionMethod, check_choice, check_range, hyperparameter_error, normalize_maps, register_method
 
@@ -167,7 +168,7 @@ class IGOSPlusPlus(AttributionMethod):
     btv_sigma: float = 0.01
     blur_sigma: float = 50.0  # baseline blur at 224 px
     blur_truncate: float = 0.5  # kernel radius / sigma (cv2 ksize 51 with sigma 50)
-    score: str = "sigmoid"  # sigmoid | softmax | logit
+    score: str = "auto"  # auto (the classifier's own probability: sigmoid or softmax) | sigmoid | softmax | logit
     max_batch: int = 256  # composed images per forward(/backward) pass
     not_in_key = ("max_batch",)  # memory knob: the masks do not depend on it
     seed: int = 0
@@ -194,7 +195,7 @@ class IGOSPlusPlus(AttributionMethod):
         check_range(self, "btv_sigma", 0, low_open=True)
         check_range(self, "blur_sigma", 0, low_open=True)
         check_range(self, "blur_truncate", 0, low_open=True)
-        check_choice(self, "score", SCORES)
+        check_choice(self, "score", METHOD_SCORES)
         check_range(self, "max_batch", 1)
         check_range(self, "seed", 0)
 
@@ -241,7 +242,7 @@ class IGOSPlusPlus(AttributionMethod):
             up_d, up_i = upsample(md, (h, w)), upsample(mi, (h, w))
             m = torch.stack([up_d * up_i, up_d * up_i, up_d, up_i], 1)[:, :, None]  # (N, 4, 1, 1, H, W)
             composed = start + sign * frac * m * diff + noise  # deletion: b + aM(x-b); insertion: x - aM(x-b)
-            s = class_score(model(composed.flatten(0, 2)).float(), tgt, self.score).view(n, 4, t)
+            s = class_score(model(composed.flatten(0, 2)).float(), tgt, resolve_score(self.score, model)).view(n, 4, t)
             return (s.mean(2) * sign.view(1, 4)).sum(1)
 
         def objective(masks: Sequence[Tensor], noise: Tensor) -> Tensor:

@@ -43,9 +43,9 @@ At 224 px both factors are 1.
 
 Choices for this benchmark (each a field), with reasons:
 
-* ``score``: f_c is the class **sigmoid** by default, because the classifiers are multi-label (one sigmoid
-  per class; a softmax over classes would let one class's deletion be explained by another's rise).
-  "softmax" is the paper's (ImageNet's softmax probability); "logit" the raw class logit.
+* ``score``: f_c is the classifier's own class probability (``"auto"``): the class **sigmoid** of a
+  multi-label classifier (a softmax over classes would let one class's deletion be explained by another's
+  rise), the softmax of a single-label ImageNet one (the paper's); "logit" is the raw class logit.
 * ``perturbation``: "blur" (the paper) or "dgmp", the perturbation of the distribution-guided paper, which
   compared against MP with "the same kind of perturbations in our method" (Sec. 4, App. A.2): in each
   iteration each row uses, with probability 1/2, the blurred image (sigma_0, as above) or a random colour
@@ -85,7 +85,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskbench.core.images import REFERENCE_SIZE, colour_noise, gaussian_blur, generator, image_class_seed, scaled_sigma
-from maskbench.core.scores import SCORES, class_score
+from maskbench.core.scores import METHOD_SCORES, class_score, resolve_score
 
 from .base import AttributionMethod, check_choice, check_range, normalize_maps, register_method
 
@@ -151,7 +151,7 @@ class MeaningfulPerturbation(AttributionMethod):
     mask_noise: float = 0.0  # std of Gaussian noise added to the mask in each iteration
     init: str = "circle"  # circle | ones
     perturbation: str = "blur"  # blur | dgmp
-    score: str = "sigmoid"  # sigmoid | softmax | logit
+    score: str = "auto"  # auto (the classifier's own probability: sigmoid or softmax) | sigmoid | softmax | logit
     max_batch: int = 256  # (image, class) rows optimised together
     not_in_key = ("max_batch",)  # memory knob: the masks do not depend on it
     seed: int = 0
@@ -175,13 +175,13 @@ class MeaningfulPerturbation(AttributionMethod):
         check_range(self, "mask_noise", 0)
         check_choice(self, "init", ("circle", "ones"))
         check_choice(self, "perturbation", ("blur", "dgmp"))
-        check_choice(self, "score", SCORES)
+        check_choice(self, "score", METHOD_SCORES)
         check_range(self, "max_batch", 1)
         check_range(self, "seed", 0)
         self._upsampling: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def _class_score(self, model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
-        return class_score(model(x).float(), target, self.score)
+        return class_score(model(x).float(), target, resolve_score(self.score, model))
 
     def regularizer(self, m: Tensor) -> Tensor:
         """lambda_1 ||1 - m||_1 + lambda_2 TV_beta(m) per row of (N, 1, h, w) masks, on the 28 x 28 reference grid."""

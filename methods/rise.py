@@ -8,12 +8,13 @@ Implementation: the N masks are generated once, vectorised and seeded (on the CP
 gives the same masks on any device), kept on the model's device and shared by every image; the masked
 images of a whole batch of images x masks go through the model in chunks of ``batch_size``, and only the
 requested classes are accumulated (one einsum per chunk, no host synchronisation). ``batch_size`` (masked
-images per pass) defaults to 128 on the CPU, where larger batches fall out of the cache (8 images x 2,000
-masks: 1.9 s at 128, 3.3 s at 512 on 2 cores), and 1,024 on a GPU.
+images per pass) defaults to 128 on the CPU, where larger batches fall out of the cache, and 1,024 on a GPU
+(``make perf`` measures it).
 
-Choices, each also a field: the score f_c is the class *sigmoid* (the classifiers are multi-label; TorchRay's
-``rise``, which the NeurIPS 2022 evaluation used, does the same; the original code uses softmax over
-ImageNet's classes); masking multiplies the normalised image (masked pixels take the mean colour, as in
+Choices, each also a field: the score f_c is the classifier's own class probability (``score="auto"``): the
+class *sigmoid* of the multi-label VOC/COCO classifiers (TorchRay's ``rise``, which the NeurIPS 2022
+evaluation used, does the same) and the softmax of a single-label ImageNet one (the original code's);
+masking multiplies the normalised image (masked pixels take the mean colour, as in
 the original code). The published setting (``paper`` preset) is TorchRay's default N = 8000, s = 7, p = 0.5
 used for VOC/COCO in the NeurIPS 2022 paper; ``fast`` uses N = 1000 for the CPU run on 64 px images. The maps
 are min-max normalised per (image, class) for the mask metrics, like the NeurIPS 2022 evaluation
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskbench.core.scores import SCORES, scores_from_logits
+from maskbench.core.scores import METHOD_SCORES, resolve_score, scores_from_logits
 
 from .base import AttributionMethod, check_choice, check_range, normalize_maps, register_method
 
@@ -57,7 +58,7 @@ class RISE(AttributionMethod):
     batch_size: int | None = None  # masked images per forward pass; None: 128 on the CPU, 1024 on a GPU
     not_in_key = ("batch_size",)  # memory knob: the masks do not depend on it
     seed: int = 0
-    score: str = "sigmoid"  # sigmoid | softmax | logit
+    score: str = "auto"  # auto (the classifier's own probability: sigmoid or softmax) | sigmoid | softmax | logit
     normalize: str = "minmax"  # minmax | none
 
     label = "RISE"
@@ -72,7 +73,7 @@ class RISE(AttributionMethod):
         check_range(self, "p", 0, 1, low_open=True, high_open=True)  # p = 1 keeps every pixel: constant maps
         check_range(self, "batch_size", 1)
         check_range(self, "seed", 0)
-        check_choice(self, "score", SCORES)
+        check_choice(self, "score", METHOD_SCORES)
         check_choice(self, "normalize", ("minmax", "none"))
         self._masks: dict[tuple, Tensor] = {}
 
@@ -89,11 +90,12 @@ class RISE(AttributionMethod):
         n = masks.shape[0]
         per_pass = self.batch_size or (1024 if images.device.type == "cuda" else 128)
         chunk = max(1, per_pass // b)
+        score = resolve_score(self.score, model)
         sal = torch.zeros(b, classes.shape[1], h, w, device=images.device, dtype=torch.float32)
         for i in range(0, n, chunk):
             m = masks[i : i + chunk]  # (n_c, H, W)
             x = (images[:, None] * m[None, :, None]).flatten(0, 1)  # (B * n_c, 3, H, W)
-            s = scores_from_logits(model(x).float(), self.score).view(b, m.shape[0], -1)  # (B, n_c, C)
+            s = scores_from_logits(model(x).float(), score).view(b, m.shape[0], -1)  # (B, n_c, C)
             s = torch.gather(s, 2, classes[:, None, :].expand(-1, m.shape[0], -1))  # (B, n_c, K)
             sal += torch.einsum("bnk,nhw->bkhw", s, m)
         sal /= n * self.p

@@ -2,9 +2,9 @@
 
 Each true class of an image (:func:`~maskbench.metrics.base.true_class_slots`, each class once) is scored with
 its own map; an image's value is the mean over its true classes of the per-class values that are defined, NaN
-if none is. Class probability q(x) = sigmoid(logit_c(x)): our classifiers are multi-label and trained with BCE,
-so the sigmoid of the class's own logit is its probability. *Stated deviation*: both papers used the softmax of
-a single-label ImageNet classifier (RISE: of the model's top-1 class; here every true class is scored).
+if none is. Class probability q(x): the classifier's own (:func:`~maskbench.core.scores.class_probabilities`),
+sigmoid(logit_c(x)) for the multi-label VOC/COCO classifiers trained with BCE, the softmax for a single-label
+ImageNet classifier, as both papers used (RISE scores the model's top-1 class; here every true class is scored).
 
 **Ranked reveal.** Pixels are revealed in decreasing order of the map, each pixel either fully revealed or not
 (as RISE and DGMP do). A cached map is float16 and often flat (zero outside an object, saturated at 1 inside,
@@ -68,6 +68,7 @@ import torch
 from torch import Tensor, nn
 
 from maskbench.core.images import gaussian_blur, scaled_sigma
+from maskbench.core.scores import class_probabilities
 
 from .base import (
     MetricInputs,
@@ -189,9 +190,11 @@ class FaithfulnessResult:
     per_image: dict[str, Tensor]
 
 
-def _class_prob(logits: Tensor, cls: Tensor) -> Tensor:
-    """sigmoid of the logit of class ``cls`` (M,) in ``logits`` (M, S, C) -> (M, S)."""
-    return torch.sigmoid(torch.gather(logits, 2, cls[:, None, None].expand(-1, logits.shape[1], 1))[..., 0])
+def _class_prob(model: nn.Module, logits: Tensor, cls: Tensor) -> Tensor:
+    """The class probability (:func:`~maskbench.core.scores.class_probabilities`: sigmoid or softmax, as the
+    classifier's) of class ``cls`` (M,) in ``logits`` (M, S, C) -> (M, S)."""
+    probs = class_probabilities(model, logits)
+    return torch.gather(probs, 2, cls[:, None, None].expand(-1, logits.shape[1], 1))[..., 0]
 
 
 def _interior_curves(model: nn.Module, ranks: Tensor, img: Tensor, cls: Tensor, counts: Tensor,
@@ -221,7 +224,7 @@ def _interior_curves(model: nn.Module, ranks: Tensor, img: Tensor, cls: Tensor, 
                 a, z = start[b_idx][:, None], finish[b_idx][:, None]
                 x = torch.where(r, z, a).flatten(0, 1)  # (m' s', 3, H, W)
                 logits = forward_in_chunks(model, x).view(len(b_idx), len(cnt), -1)
-                out[p][sl, j : j + step_rows] = _class_prob(logits, c_idx)
+                out[p][sl, j : j + step_rows] = _class_prob(model, logits, c_idx)
     return out
 
 
@@ -241,7 +244,7 @@ def _compute(inputs: MetricInputs) -> FaithfulnessResult:
     blur_mf = gaussian_blur(images, scaled_sigma(MF_SIGMA_224, h), MF_TRUNCATE, PADDING)
     blur_ins = gaussian_blur(images, scaled_sigma(RISE_SIGMA_224, h), RISE_TRUNCATE, PADDING)
     zero = torch.zeros_like(images)
-    ends = torch.sigmoid(forward_in_chunks(model, torch.cat([images, blur_mf, blur_ins, zero[:1]])))
+    ends = class_probabilities(model, forward_in_chunks(model, torch.cat([images, blur_mf, blur_ins, zero[:1]])))
     q_x, q_mf0, q_ins0 = ends[:b][img, cls], ends[b : 2 * b][img, cls], ends[2 * b : 3 * b][img, cls]
     q_zero = ends[3 * b][cls]
 

@@ -8,7 +8,8 @@ original image (p = 0.5, NN-Explainer's ``metrics_threshold`` for the classifier
 -1.0 on masked images (the Explainer's default ``metrics_threshold``; the paper: "since masked images result
 in overall lower logits, we have used slightly different thresholds"). Per image the metric stores the counts
 of true positives, false positives and false negatives over all classes, for the original (``orig_*``) and the
-masked image; the tables sum them over images (micro-averaged precision, recall and F-score, bootstrapped
+masked image (a single-label classifier, whose probabilities are a softmax, predicts its top-1 class on both);
+the tables sum them over images (micro-averaged precision, recall and F-score, bootstrapped
 over images). Images without any true class among the explained ones are undefined (NaN, counted).
 """
 
@@ -20,6 +21,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from maskbench.core.scores import probability_kind
 from maskbench.core.stats import f_score, ratio_of_sums
 
 from .base import MetricInputs, TableSpec, forward_in_chunks, merge_true_class_masks, register_metric, register_table
@@ -28,8 +30,12 @@ ORIGINAL_THRESHOLD = 0.0
 MASKED_THRESHOLD = -1.0
 
 
-def _counts(logits: Tensor, labels: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
-    pred = logits >= threshold  # NN-Explainer's MultiLabelMetrics
+def _counts(logits: Tensor, labels: Tensor, threshold: float, single_label: bool = False
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    if single_label:  # a softmax classifier predicts its top-1 class
+        pred = torch.zeros_like(labels, dtype=torch.bool).scatter_(1, logits.argmax(1, keepdim=True), True)
+    else:
+        pred = logits >= threshold  # NN-Explainer's MultiLabelMetrics
     truth = labels > 0
     tp = (pred & truth).sum(1).float()
     fp = (pred & ~truth).sum(1).float()
@@ -47,10 +53,11 @@ def masked_classifier_counts(inputs: MetricInputs) -> dict[str, Tensor]:
     b = len(labels)
     logits = forward_in_chunks(inputs.model, torch.cat([inputs.images, inputs.images * merged[:, None]]))
     orig, masked = logits[:b], logits[b:]
+    single = probability_kind(inputs.model) == "softmax"
     nan = torch.full((b,), float("nan"), device=labels.device)
     out: dict[str, Tensor] = {}
     for prefix, lg, thr in (("orig_", orig, ORIGINAL_THRESHOLD), ("", masked, MASKED_THRESHOLD)):
-        for key, v in zip(("tp", "fp", "fn"), _counts(lg, labels, thr), strict=True):
+        for key, v in zip(("tp", "fp", "fn"), _counts(lg, labels, thr, single), strict=True):
             out[prefix + key] = torch.where(has_true, v, nan)
     return out
 
