@@ -1,6 +1,6 @@
-"""maskbench.datasets: loaders for PASCAL VOC, COCO and the embedded synthetic data set.
+"""maskbench.datasets: loaders for PASCAL VOC, COCO, ImageNet and the embedded synthetic data set.
 
-Importing this package registers the builders ``voc``, ``coco``, ``synthetic`` and ``synthetic-coco`` in
+Importing this package registers the builders ``voc``, ``coco``, ``imagenet``, ``synthetic`` and ``synthetic-coco`` in
 :data:`DATASETS`; :func:`build_dataset` builds one by name.
 """
 
@@ -10,6 +10,7 @@ from typing import Any
 
 from .base import DATASETS, AttributionDataset, Batch, Sample, collate
 from .coco import COCODataset
+from .imagenet import ImageNetDataset
 from .synthetic import SYNTHETIC_CLASSES, SyntheticCOCODataset, SyntheticDataset, generate_synthetic
 from .voc import VOC_CLASSES, VOCDataset
 
@@ -26,6 +27,7 @@ __all__ = [
     "AttributionDataset",
     "Batch",
     "COCODataset",
+    "ImageNetDataset",
     "Sample",
     "SyntheticCOCODataset",
     "SyntheticDataset",

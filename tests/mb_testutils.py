@@ -187,3 +187,47 @@ def registries_restored(*registries: Registry) -> Iterator[None]:
                 current.update(old)
         for m in [m for m in sys.modules if m.startswith("maskbench_plugin_") and m not in modules]:
             del sys.modules[m]
+
+
+IMAGENET_FIXTURE = {  # image id -> (wnid, boxes [xmin, ymin, xmax, ymax] as the annotations give them, size w x h)
+    "ILSVRC2012_val_00000001": ("n01751748", [[10, 5, 29, 20]], (40, 30)),
+    "ILSVRC2012_val_00000002": ("n09193705", [[0, 0, 39, 39], [4, 4, 9, 9]], (40, 40)),
+    "ILSVRC2012_val_00000003": ("n01440764", [[2, 3, 12, 13]], (24, 32)),
+    "ILSVRC2012_val_00000004": ("n15075141", [[5, 5, 15, 15]], (32, 32)),
+    "ILSVRC2012_val_00000005": ("n01751748", [[0, 0, 7, 7]], (16, 16)),
+}
+
+
+def write_imagenet_fixture(root, layout: str = "flat-xml"):
+    """A tiny ILSVRC-2012 validation tree in one of the distributed layouts: ``flat-xml`` (``val/*.JPEG`` with the
+    bbox tarball's ``val/*.xml`` beside them), ``folders-csv`` (class folders ``val/<wnid>/*.JPEG`` and Kaggle's
+    ``LOC_val_solution.csv``) or ``kaggle-xml`` (``ILSVRC/Data/CLS-LOC/val`` and ``ILSVRC/Annotations/...``)."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    root = Path(root)
+    images = root / ("ILSVRC/Data/CLS-LOC/val" if layout == "kaggle-xml" else "val")
+    xml_dir = root / "ILSVRC/Annotations/CLS-LOC/val" if layout == "kaggle-xml" else images
+    rows = []
+    for k, (image_id, (wnid, boxes, (w, h))) in enumerate(IMAGENET_FIXTURE.items()):
+        folder = images / wnid if layout == "folders-csv" else images
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(k).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{image_id}.JPEG", quality=95)
+        if layout == "folders-csv":
+            rows.append(f"{image_id}," + " ".join(f"{wnid} {' '.join(map(str, b))}" for b in boxes))
+            continue
+        xml_dir.mkdir(parents=True, exist_ok=True)
+        objects = "".join(
+            f"<object><name>{wnid}</name><pose>Unspecified</pose><truncated>0</truncated><difficult>0</difficult>"
+            f"<bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+            for b in boxes)
+        (xml_dir / f"{image_id}.xml").write_text(
+            f"<annotation><folder>val</folder><filename>{image_id}</filename><source><database>ILSVRC_2012"
+            f"</database></source><size><width>{w}</width><height>{h}</height><depth>3</depth></size>"
+            f"<segmented>0</segmented>{objects}</annotation>")
+    if layout == "folders-csv":
+        (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+    return root

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from mb_testutils import write_imagenet_fixture
 from test_datasets import write_coco_fixture, write_voc_fixture
 
 from maskbench.core.errors import MaskbenchError
@@ -47,6 +48,8 @@ FIXTURES: dict[str, Fixture] = {
     # the Main list: three images, one without segmentation (has_seg False); resized from 48 x 32 / 40 x 40
     "voc": Fixture(write_voc_fixture, ("test",), "test", {"image_size": SIZE, "segmentation_only": False}),
     "coco": Fixture(write_coco_fixture, ("val",), "val", {"image_size": SIZE}),
+    # five validation images of four classes, boxes from the per-image XML (flat val/ layout)
+    "imagenet": Fixture(write_imagenet_fixture, ("val", "dgmp-test"), "val", {"image_size": SIZE}),
 }
 
 

@@ -1,0 +1,82 @@
+"""The ImageNet validation loader on fixtures written in its distributed layouts, with known answers."""
+
+import math
+
+import pytest
+import torch
+from mb_testutils import IMAGENET_FIXTURE, write_imagenet_fixture
+
+from maskbench.core.errors import DataError
+from maskbench.datasets import build_dataset, collate
+from maskbench.datasets import imagenet as inet
+from maskbench.metrics import METRICS, MetricInputs
+
+LAYOUTS = ["flat-xml", "folders-csv", "kaggle-xml"]
+
+
+def test_the_classes_are_the_1000_synsets_in_torchvisions_order():
+    wnids = inet.synsets()
+    assert len(wnids) == len(set(wnids)) == 1000 and wnids == sorted(wnids)
+    names = inet.category_names()
+    assert len(names) == 1000 and names[wnids.index("n01440764")] == "tench"
+    assert names[wnids.index("n15075141")] == "toilet tissue"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_gives_the_same_labels_and_boxes(layout, tmp_path):
+    root = write_imagenet_fixture(tmp_path / layout, layout)
+    data = build_dataset("imagenet", root=root, split="val", image_size=32)
+    assert data.image_ids == sorted(IMAGENET_FIXTURE) and data.num_classes == 1000
+    wnids = inet.synsets()
+    for image_id, (wnid, boxes, (w, h)) in IMAGENET_FIXTURE.items():
+        s = data.load(image_id)
+        assert torch.nonzero(s.label).flatten().tolist() == [wnids.index(wnid)]  # single-label
+        assert s.class_masks is None and s.box_labels.tolist() == [wnids.index(wnid)] * len(boxes)
+        # inclusive pixel indices -> pixel edges [x0, y0, x1 + 1, y1 + 1], scaled to 32 x 32
+        expected = torch.tensor([[b[0] * 32 / w, b[1] * 32 / h, (b[2] + 1) * 32 / w, (b[3] + 1) * 32 / h]
+                                 for b in boxes])
+        torch.testing.assert_close(s.boxes, expected)
+        assert s.image.shape == (3, 32, 32)
+
+
+def test_no_segmentation_means_undefined_never_zero(tmp_path):
+    data = build_dataset("imagenet", root=write_imagenet_fixture(tmp_path), split="val", image_size=32)
+    batch = collate([data[i] for i in range(len(data))])
+    assert not batch.has_seg.any()
+    classes = batch.labels.argmax(1, keepdim=True)
+    masks = torch.rand(len(batch), 1, 32, 32)
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 1000))
+    for name in ("acc", "iou", "mae"):
+        values = METRICS.get(name).fn(MetricInputs(model, batch.images, masks, classes, batch))
+        assert all(math.isnan(v) for v in values.tolist()), name
+    mi = METRICS.get("mi").fn(MetricInputs(model, batch.images, masks, classes, batch))
+    assert not any(math.isnan(v) for v in mi.tolist())  # the boxes are there: M_I is defined
+
+
+def test_the_dgmp_test_split_is_a_seeded_sample(tmp_path, monkeypatch):
+    root = write_imagenet_fixture(tmp_path)
+    assert build_dataset("imagenet", root=root, split="dgmp-test").image_ids == sorted(IMAGENET_FIXTURE)
+    monkeypatch.setattr(inet, "DGMP_TEST_SIZE", 3)
+    a = build_dataset("imagenet", root=root, split="dgmp-test").image_ids
+    b = build_dataset("imagenet", root=root, split="dgmp-test").image_ids
+    assert a == b == sorted(a) and len(a) == 3 and set(a) < set(IMAGENET_FIXTURE)
+
+
+def test_missing_or_wrong_data_say_what_to_put_where(tmp_path, monkeypatch):
+    monkeypatch.delenv("MASKBENCH_IMAGENET_ROOT", raising=False)
+    for kwargs in ({}, {"root": tmp_path / "nowhere"}):
+        with pytest.raises(DataError) as err:
+            build_dataset("imagenet", **kwargs)
+        assert "ILSVRC2012_img_val.tar" in str(err.value) and "LOC_val_solution.csv" in str(err.value)
+    root = write_imagenet_fixture(tmp_path / "a")
+    with pytest.raises(DataError, match="Available splits: val, dgmp-test"):
+        build_dataset("imagenet", root=root, split="train")
+    xml = root / "val" / "ILSVRC2012_val_00000003.xml"
+    xml.write_text(xml.read_text().replace("n01440764", "n99999999"))
+    with pytest.raises(DataError, match="n99999999"):
+        build_dataset("imagenet", root=root, split="val")
+    folders = write_imagenet_fixture(tmp_path / "b", "folders-csv")
+    (folders / "val" / "n01751748" / "ILSVRC2012_val_00000001.JPEG").rename(
+        folders / "val" / "n01440764" / "ILSVRC2012_val_00000001.JPEG")
+    with pytest.raises(DataError, match="class folder n01440764 but its annotation says n01751748"):
+        build_dataset("imagenet", root=folders, split="val")
