@@ -28,14 +28,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from maskbench.classifiers import get_classifier
+from maskbench.classifiers import get_classifier, imagenet_classifier
 from maskbench.core.device import resolve_device, synchronize
 from maskbench.core.errors import MaskbenchError, ModelChangedError, TrainingIncomplete, UnknownNameError
 from maskbench.core.provenance import code_hash, git_revision, library_versions
 from maskbench.core.registry import import_plugin
 from maskbench.core.storage import cache_root, stable_hash, write_json
 from maskbench.core.store import COMPLETE, MaskCache, RowStore, rows_from_values, with_markers
-from maskbench.datasets import AttributionDataset, Batch, build_dataset, collate
+from maskbench.datasets import DATASETS, AttributionDataset, Batch, build_dataset, collate
 from maskbench.methods import METHODS, AttributionMethod, MethodContext, build_method, check_masks
 from maskbench.metrics import METRICS, MetricInputs, MetricSpec, value_range
 
@@ -429,17 +429,24 @@ def prepare(config: RunConfig) -> _Session:
     if world > 1 and rank != 0:
         torch.distributed.barrier()
 
-    def datasets(split: str):
-        return build_dataset(config.dataset, root=config.data_root, split=split, image_size=config.image_size)
+    data_meta = DATASETS.meta(config.dataset)
+    roles = data_meta.get("splits", {})  # the data set's names of the train / val / test roles (COCO: val2014)
+
+    def datasets(split: str) -> AttributionDataset:
+        return build_dataset(config.dataset, root=config.data_root, split=roles.get(split, split),
+                             image_size=config.image_size)
 
     test = datasets(config.split)
     image_ids = test.image_ids[: config.limit] if config.limit else list(test.image_ids)
     extra = _class_indices(config.resolved_table_classes(), test.classes)
-    train_key = datasets("train").fingerprint() if config.checkpoint is None else "external"
-    model, clf_info = get_classifier(
-        config.model, datasets, train_key, test.num_classes, device, cache, config.checkpoint, config.progress,
-        train_new=config.train_classifier,
-    )
+    if data_meta.get("classifier") == "imagenet" and config.checkpoint is None:
+        model, clf_info = imagenet_classifier(config.model, device)  # torchvision's own, no training
+    else:
+        train_key = datasets("train").fingerprint() if config.checkpoint is None else "external"
+        model, clf_info = get_classifier(
+            config.model, datasets, train_key, test.num_classes, device, cache, config.checkpoint,
+            config.progress, train_new=config.train_classifier,
+        )
     data_key, clf_sha = test.fingerprint(), clf_info["checkpoint_sha256"]
     identity = run_identity(config, data_key, image_ids, extra, clf_sha,
                             list(test.load(image_ids[0]).image.shape[-2:]) if image_ids else None)

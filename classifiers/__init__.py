@@ -15,11 +15,13 @@ from .base import (
     build_classifier,
     freeze,
     get_classifier,
+    imagenet_classifier,
     load_checkpoint,
     predict,
     train_classifier,
+    weights_file,
 )
 
 __all__ = ["CLASSIFIERS", "SHIPPED_DIR", "Classifier", "ClassifierSpec", "SmallCNN", "TorchvisionClassifier",
-           "TrainRecipe", "build_classifier", "freeze", "get_classifier", "load_checkpoint", "predict",
-           "train_classifier"]
+           "TrainRecipe", "build_classifier", "freeze", "get_classifier", "imagenet_classifier", "load_checkpoint",
+           "predict", "train_classifier", "weights_file"]

@@ -107,26 +107,51 @@ class SmallCNN(Classifier):
         return self.head(self.dropout(f.mean(dim=(2, 3))))
 
 
-class TorchvisionClassifier(Classifier):
-    """A torchvision backbone with a multi-label head (see module docstring)."""
+IMAGENET_WEIGHTS = {"vgg16": "VGG16_Weights.IMAGENET1K_V1", "resnet50": "ResNet50_Weights.IMAGENET1K_V1"}
 
-    def __init__(self, arch: str, num_classes: int, pretrained_backbone: bool = True):
+
+def weights_file(arch: str) -> Path:
+    """Where torchvision keeps (and, offline, expects) ``arch``'s ImageNet weights: ``<torch hub>/checkpoints/``."""
+    import torchvision
+
+    url = torchvision.models.get_weight(IMAGENET_WEIGHTS[arch]).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+class TorchvisionClassifier(Classifier):
+    """A torchvision backbone with a multi-label head (see module docstring), or with ``imagenet_head`` the
+    torchvision ImageNet model itself: its own 1,000-class head, no fine-tuning, softmax probabilities (the
+    distribution-guided paper's classifiers)."""
+
+    def __init__(self, arch: str, num_classes: int, pretrained_backbone: bool = True, imagenet_head: bool = False):
         super().__init__()
         import torchvision
 
+        if imagenet_head and num_classes != 1000:
+            raise MaskbenchError(f"{arch} with its ImageNet head has 1000 classes, not {num_classes}.")
         self.num_classes = num_classes
         self.arch = arch
-        weights = None
-        if pretrained_backbone:
-            weights = {"vgg16": "VGG16_Weights.IMAGENET1K_V1", "resnet50": "ResNet50_Weights.IMAGENET1K_V1"}[arch]
+        weights = IMAGENET_WEIGHTS[arch] if pretrained_backbone else None
         try:
             net = torchvision.models.get_model(arch, weights=weights)
         except Exception as exc:  # no internet, no cached weights
             raise MaskbenchError(
-                f"Could not load the ImageNet weights of {arch} ({weights}): {exc}. Without internet, put the "
-                f"torchvision weight file in $TORCH_HOME/hub/checkpoints, or pass --checkpoint with a trained "
-                f"maskbench checkpoint of this model."
+                f"Could not load the ImageNet weights of {arch} ({weights}): {type(exc).__name__}. Without "
+                f"internet, torchvision expects the file {weights_file(arch)} (from "
+                f"{torchvision.models.get_weight(weights).url}); or pass --checkpoint with a trained maskbench "
+                f"checkpoint of this model."
             ) from None
+        if imagenet_head:
+            self.probabilities = "softmax"
+            if arch == "vgg16":
+                self.backbone = nn.Sequential(net.features, net.avgpool)
+                self.head = nn.Sequential(nn.Flatten(), net.classifier)
+                self._cam, self._features = net.features[-1], [net.features[i] for i in (3, 8, 15, 22, 29)]
+            else:
+                self.backbone = nn.Sequential(*list(net.children())[:-1])
+                self.head = nn.Sequential(nn.Flatten(), net.fc)
+                self._cam, self._features = net.layer4[-1], [net.layer1, net.layer2, net.layer3, net.layer4]
+            return
         if arch == "vgg16":
             self.backbone = nn.Sequential(net.features, net.avgpool)
             self.head = nn.Sequential(
@@ -315,6 +340,20 @@ def load_checkpoint(model: nn.Module, path: str | Path, device: torch.device) ->
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise MaskbenchError(f"Checkpoint {path} does not fit this model: {exc}") from None
+
+
+def imagenet_classifier(name: str, device: torch.device) -> tuple[Classifier, dict[str, Any]]:
+    """torchvision's own ImageNet ``vgg16`` / ``resnet50`` (no fine-tuning, softmax), frozen, with its manifest
+    entry (weights name and file, the file's SHA-256)."""
+    if name not in IMAGENET_WEIGHTS:
+        raise MaskbenchError(f"Classifier '{name}' has no ImageNet weights; on ImageNet use one of "
+                             f"{', '.join(IMAGENET_WEIGHTS)} (torchvision's weights), or pass --checkpoint.")
+    model = TorchvisionClassifier(name, 1000, imagenet_head=True).to(device)
+    path = weights_file(name)
+    info = {"model": name, "weights": IMAGENET_WEIGHTS[name], "checkpoint": str(path),
+            "checkpoint_sha256": file_sha256(path) if path.is_file() else "unknown", "trained_here": False,
+            "fine_tuned": False, "probabilities": "softmax"}
+    return freeze(model), info
 
 
 def get_classifier(

@@ -203,7 +203,7 @@ class COCODataset(AttributionDataset):
         )
 
 
-@DATASETS.register("coco")
+@DATASETS.register("coco", splits={"test": "val2014", "train": "train2014"})
 def build_coco(
     root: str | os.PathLike[str] | None = None,
     split: str = "val2014",

@@ -175,7 +175,7 @@ class ImageNetDataset(AttributionDataset):
         )
 
 
-@DATASETS.register("imagenet")
+@DATASETS.register("imagenet", splits={"test": "dgmp-test"}, classifier="imagenet")
 def build_imagenet(root: str | os.PathLike[str] | None = None, split: str = "dgmp-test",
                    image_size: int | None = 224, **options: Any) -> ImageNetDataset:
     """ImageNet validation (default: the distribution-guided paper's 10,000-image test set); ``root`` defaults to

@@ -80,3 +80,80 @@ def test_missing_or_wrong_data_say_what_to_put_where(tmp_path, monkeypatch):
         folders / "val" / "n01440764" / "ILSVRC2012_val_00000001.JPEG")
     with pytest.raises(DataError, match="class folder n01440764 but its annotation says n01751748"):
         build_dataset("imagenet", root=folders, split="val")
+
+
+# ---------------------------------------------------------------------- torchvision's ImageNet classifiers
+
+
+@pytest.fixture()
+def offline_weights(tmp_path, monkeypatch):
+    """TORCH_HOME in a temporary folder holding resnet50's weight file under torchvision's own name (random
+    weights: nothing here may download), and no network: a missing file cannot be fetched."""
+    import urllib.error
+
+    import torchvision
+
+    from maskbench.classifiers import weights_file
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    path = weights_file("resnet50")
+    assert path.parent == tmp_path / "torch" / "hub" / "checkpoints" and path.name == "resnet50-0676ba61.pth"
+    return path, torchvision.models.resnet50(weights=None).state_dict()
+
+
+def test_a_missing_weights_file_is_named_with_where_torchvision_expects_it(offline_weights):
+    from maskbench.classifiers import imagenet_classifier
+    from maskbench.core.errors import MaskbenchError
+
+    path, _ = offline_weights
+    with pytest.raises(MaskbenchError) as err:
+        imagenet_classifier("resnet50", torch.device("cpu"))
+    assert str(path) in str(err.value) and "download.pytorch.org" in str(err.value)
+    with pytest.raises(MaskbenchError, match="vgg16, resnet50"):
+        imagenet_classifier("smallcnn", torch.device("cpu"))
+
+
+def test_resnet50_on_imagenet_is_torchvisions_model_scored_with_softmax_everywhere(offline_weights, tmp_path):
+    import json
+
+    import pandas as pd
+
+    from maskbench.benchmark.cli import main
+    from maskbench.core.scores import probability_kind
+
+    path, state = offline_weights
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    from maskbench.classifiers import imagenet_classifier
+
+    model, info = imagenet_classifier("resnet50", torch.device("cpu"))
+    assert probability_kind(model) == "softmax" and info["probabilities"] == "softmax" and not info["fine_tuned"]
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), _torchvision_resnet(state)(x))  # the model itself, its own head
+    # end to end: the dgmp-test split, resnet50's softmax in the methods (score=auto) and the metrics
+    root = write_imagenet_fixture(tmp_path / "imagenet")
+    results = tmp_path / "res"
+    assert main(["bench", "--dataset", "imagenet", "--data-root", str(root), "--model", "resnet50",
+                 "--image-size", "32", "--methods", "gradcam,rise,constant-0.5", "--param", "rise.num_masks=16",
+                 "--cache", str(tmp_path / "cache"), "--results", str(results), "--no-progress"]) == 0
+    run = next((results / "imagenet").iterdir())
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["classifier"]["probabilities"] == "softmax" and manifest["classifier"]["weights"]
+    seg = pd.read_csv(run / "segmentation.csv")
+    gt = seg[seg["statistic"].isin(["acc", "iou", "mae"])]  # no segmentation: undefined, never 0
+    assert len(gt) == 9 and gt["value"].isna().all() and (gt["images"] == 0).all()
+    assert seg.loc[seg["statistic"] == "sal", "value"].notna().all()  # Sal needs no ground truth
+    assert pd.read_csv(run / "explainability.csv")["value"].notna().all()  # boxes: M_I defined
+
+
+def _torchvision_resnet(state):
+    import torchvision
+
+    net = torchvision.models.resnet50(weights=None)
+    net.load_state_dict(state)
+    return net.eval()
