@@ -194,7 +194,8 @@ class _MethodRun:
         m = self.method
         self.s.store.save_meta(self.name, {
             "method": self.name, "label": self.label(), "family": m.family, "paper": m.paper,
-            "preset": getattr(m, "preset", "paper"), "config": m.config(), "cache_key": self.cache_key,
+            "preset": getattr(m, "preset", "paper"), "setting": getattr(m, "setting", None),
+            "config": m.config(), "cache_key": self.cache_key,
             "run_key": self.run_key, "metric_keys": self.stored_keys,
             "classifier_sha256": self.s.clf_key, "data_key": self.s.data_key,
             "code_hash": self.code_hash, "registered_name": m.name, "origin": type(m).__module__,
@@ -408,8 +409,9 @@ def build_methods(config: RunConfig) -> list[AttributionMethod]:
         import_plugin(plugin)
 
     overrides = method_overrides(config.methods, config.method_params)
-    return [build_method(spec, preset=config.preset, **over) for spec, over in zip(config.methods, overrides,
-                                                                                      strict=True)]
+    setting = f"{config.model}-{config.dataset}"  # a published setting's values at the paper preset
+    return [build_method(spec, preset=config.preset, setting=setting, **over)
+            for spec, over in zip(config.methods, overrides, strict=True)]
 
 
 def prepare(config: RunConfig) -> _Session:

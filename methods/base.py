@@ -85,6 +85,9 @@ class AttributionMethod:
     version: ClassVar[str] = "1"  # bump when outputs change: part of every cache key
     uses_ground_truth: ClassVar[bool] = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # the published runs' values per setting "<classifier>-<data set>" (e.g. "resnet50-voc"), applied on top of
+    # the ``paper`` preset when a run of that setting builds the method at ``paper``
+    settings: ClassVar[dict[str, dict[str, Any]]] = {}
     # fields that do not change the masks (memory knobs, limits on how long training may run): not in the key
     not_in_key: ClassVar[tuple[str, ...]] = ()
 
@@ -140,8 +143,10 @@ def method_presets(cls: type[AttributionMethod]) -> dict[str, dict[str, Any]]:
     return presets
 
 
-def build_method(spec: str, preset: str = "paper", **overrides: Any) -> AttributionMethod:
-    """Build a method from ``"name"`` or ``"name.preset"`` (the dotted preset wins over ``preset``)."""
+def build_method(spec: str, preset: str = "paper", setting: str | None = None, **overrides: Any) -> AttributionMethod:
+    """Build a method from ``"name"`` or ``"name.preset"`` (the dotted preset wins over ``preset``). At the
+    ``paper`` preset, ``setting`` (``"<classifier>-<data set>"``, e.g. ``"resnet50-coco"``) adds the method's
+    published values for that setting (:attr:`AttributionMethod.settings`); overrides come last."""
     if spec in METHODS or "." not in spec:  # a plain name, possibly with a dot (constant-0.5)
         name, dotted = spec, ""
     else:
@@ -152,7 +157,8 @@ def build_method(spec: str, preset: str = "paper", **overrides: Any) -> Attribut
     if chosen not in presets:
         raise UnknownNameError(f"preset of method '{name}'", chosen, presets)
     valid = {f.name for f in fields(cls)}
-    params = {**presets[chosen], **overrides}
+    published = cls.settings.get(setting, {}) if chosen == "paper" and setting else {}
+    params = {**presets[chosen], **published, **overrides}
     unknown = sorted(set(params) - valid)
     if unknown:
         raise MaskbenchError(
@@ -160,6 +166,7 @@ def build_method(spec: str, preset: str = "paper", **overrides: Any) -> Attribut
         )
     method = cls(**params)
     method.preset = chosen  # type: ignore[attr-defined]
+    method.setting = setting if published else None  # type: ignore[attr-defined]
     return method
 
 

@@ -28,7 +28,8 @@ Defaults are the paper's setting (``paper`` preset): DeepLabV3-ResNet50 trained 
 weights l_e = 1, l_tv = 1, l_ac = 1, l_ta = 0.1, l_nc = 0.3, a = 0.05, b = 0.3, Adam lr 1e-5, batch 16, early
 stopping with patience 5 (min_delta 1e-3) on the validation loss, seed 42. :attr:`Explainer.HYPERPARAMETERS`
 holds the four published settings (``src/config_files/explainer_training/*.cfg``), e.g.
-``build_method("explainer", **Explainer.HYPERPARAMETERS["resnet50-voc"])``. The ``fast`` preset is the default
+``build_method("explainer", setting="resnet50-voc")`` (which a ``paper`` run of ResNet-50 on VOC does by itself,
+with the ImageNet ResNet-50 backbone the published runs started from). The ``fast`` preset is the default
 CPU run on the 64 px synthetic set: the small encoder-decoder of :mod:`maskbench.methods.segnets`, the
 VGG16-VOC loss weights, Adam lr 3e-3, batch 32, always exactly 2000 optimiser steps (~13 epochs of the 4800
 training images; a busy machine takes longer, but the network is the same: no
@@ -221,6 +222,10 @@ class Explainer(LearnedMethod):
         "resnet50-coco": {"lr": 1e-5, "lambda_e": 3.0, "lambda_tv": 0.05, "lambda_ac": 0.1, "lambda_ta": 0.01,
                           "lambda_nc": 0.03, "patience": 2},
     }
+    # the published runs: each setting's loss weights, learning rate and patience, on DeepLabV3-ResNet50 with the
+    # ImageNet ResNet-50 backbone (torchvision's deeplabv3_resnet50(pretrained=False) kept pretrained_backbone=True)
+    settings: ClassVar[dict[str, dict[str, Any]]] = {
+        key: {**values, "pretrained_backbone": True} for key, values in HYPERPARAMETERS.items()}
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # a fixed step budget and no wall-clock cap: the network never depends on the machine's speed
         "fast": {**{k: v for k, v in HYPERPARAMETERS["vgg16-voc"].items() if k not in ("lr", "patience")},

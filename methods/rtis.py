@@ -123,6 +123,10 @@ class RTIS(LearnedMethod):
         # a fixed step budget and no wall-clock cap: the network never depends on the machine's speed
         "fast": {"arch": "small", "lr": 3e-3, "batch_size": 32, "max_steps": 2000, "patience": 1000},
     }
+    # the NeurIPS 2022 runs: the same DeepLabV3-ResNet50 as the Explainer, from the ImageNet backbone; no
+    # per-setting configs exist for RTIS (lr 1e-5, patience 5 everywhere)
+    settings: ClassVar[dict[str, dict[str, Any]]] = {
+        f"{clf}-{data}": {"pretrained_backbone": True} for clf in ("vgg16", "resnet50") for data in ("voc", "coco")}
 
     def build_network(self, num_classes: int, image_size: int, model: nn.Module) -> nn.Module:
         return build_segnet(self.arch, num_classes, image_size, width=self.width,

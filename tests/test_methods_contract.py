@@ -180,3 +180,27 @@ def test_check_masks_rejects_contract_violations():
     nan = torch.zeros(2, 1, 4, 4)
     nan[1, 0, 0, 0] = float("nan")
     assert check_masks(nan, images, classes, "m").tolist() == [False, True]
+
+
+def test_the_paper_preset_selects_each_published_settings_values():
+    """NN-Explainer's four training configs (src/config_files/explainer_training/*.cfg): the Explainer's paper
+    preset differs between VGG16-VOC, ResNet50-VOC, VGG16-COCO and ResNet50-COCO exactly as they do, on the
+    ImageNet-pretrained DeepLabV3 backbone; other presets and unknown settings keep the preset's values."""
+    published = {  # lr, lambda_e, lambda_tv, lambda_ac, lambda_ta, lambda_nc, patience
+        "vgg16-voc": (1e-5, 1.0, 1.0, 1.0, 0.1, 0.3, 5),
+        "resnet50-voc": (1e-4, 3.0, 1.0, 0.8, 0.01, 0.3, 5),
+        "vgg16-coco": (1e-5, 1.0, 0.3, 0.3, 0.03, 0.1, 2),
+        "resnet50-coco": (1e-5, 3.0, 0.05, 0.1, 0.01, 0.03, 2),
+    }
+    fields_ = ("lr", "lambda_e", "lambda_tv", "lambda_ac", "lambda_ta", "lambda_nc", "patience")
+    for setting, values in published.items():
+        m = build_method("explainer", setting=setting)
+        assert tuple(getattr(m, f) for f in fields_) == values, setting
+        assert m.arch == "deeplabv3_resnet50" and m.pretrained_backbone and m.setting == setting
+        assert build_method("rtis", setting=setting).pretrained_backbone
+    keys = {build_method("explainer", setting=s).cache_key() for s in published}
+    assert len(keys) == 4  # four different networks
+    fast = build_method("explainer", preset="fast", setting="resnet50-voc")
+    assert fast.lr == 3e-3 and fast.setting is None  # a preset other than paper is not a published run
+    assert build_method("explainer", setting="smallcnn-synthetic").setting is None
+    assert build_method("explainer", setting="resnet50-voc", lr=0.5).lr == 0.5  # --param still wins
