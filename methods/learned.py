@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from maskbench.core.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from maskbench.core.errors import MaskbenchError, TrainingIncomplete
+from maskbench.core.provenance import code_hash
 from maskbench.core.storage import read_json, stable_hash, write_json
 from maskbench.datasets.base import SplitView
 
@@ -265,10 +266,11 @@ class LearnedMethod(AttributionMethod):
     # -- contract --------------------------------------------------------------------------------------------
     def training_key(self, ctx: MethodContext) -> str:
         """What the trained network depends on: method, version, configuration (without :data:`TRAINING_FIELDS`),
-        data set and classifier checkpoint. Names the checkpoint and progress files."""
+        the code that trains it (:func:`~maskbench.core.provenance.code_hash`), data set and classifier
+        checkpoint. Names the checkpoint and progress files."""
         cfg = {k: v for k, v in self.config().items() if k not in TRAINING_FIELDS}
         return stable_hash({"method": self.name, "version": self.version, "config": cfg, "dataset": ctx.dataset,
-                            "classifier": ctx.classifier_key})
+                            "classifier": ctx.classifier_key, "code": code_hash(type(self))})
 
     def setup(self, ctx: MethodContext) -> dict[str, Any]:
         key = self.training_key(ctx)

@@ -290,3 +290,16 @@ def test_distributed_training_resumes_from_rank_0s_progress(data_root, tmp_path)
     assert_same_network(torch.load(a.with_suffix(".pt"), weights_only=True),
                         torch.load(b.with_suffix(".pt"), weights_only=True))
     assert progress_files(tmp_path) == []
+
+
+def test_the_training_code_is_part_of_the_training_key(data_root, model, tmp_path, monkeypatch):
+    """Editing the code that trains a network trains it again: the key holds the class's code hash (the same one
+    that keys its masks), so a network cached by earlier code is never reused for new code."""
+    from maskbench.methods import learned
+
+    ctx = context(data_root, tmp_path, model)
+    method = build_method("test-tiny-learned")
+    key = method.training_key(ctx)
+    assert build_method("test-tiny-learned").training_key(ctx) == key  # the same code: the same network
+    monkeypatch.setattr(learned, "code_hash", lambda cls: "edited-code")
+    assert method.training_key(ctx) != key
