@@ -32,6 +32,7 @@ from maskbench.core.storage import atomic_write, read_json
 from maskbench.core.store import COMPLETE, RowStore, StoredDataError
 from maskbench.metrics import METRICS, MetricSpec, TableInputs, TableSpec, table_specs, value_range
 
+from .reproduction import write_reproduction
 from .runs import read_run
 
 FAMILY_ORDER = ["classifier", "reference", "gradient", "perturbation", "learned", "plugin", ""]
@@ -181,7 +182,9 @@ def write_tables(run_dir: Path, *, resamples: int = RESAMPLES, seed: int = SEED,
     if rows.empty:
         return []
     manifest = run_dir / "manifest.json"
-    data_info = read_json(manifest).get("dataset", {}) if manifest.is_file() else {}
+    manifest_data = read_json(manifest) if manifest.is_file() else {}
+    data_info = manifest_data.get("dataset", {})
+    run_config = manifest_data.get("config", {})
     specs = table_specs()
     rows = rows[["method", "image_id", "metric", "value"]]
     for spec in specs:
@@ -262,6 +265,11 @@ def write_tables(run_dir: Path, *, resamples: int = RESAMPLES, seed: int = SEED,
         written.append(atomic_write(run_dir / "leaderboard.tex", statistics_latex(
             board, methods, labels, families, cap, f"tab:leaderboard-{dataset}-{model}", ci=ci,
             extra={"Images/s": rate})))
+    if run_config.get("model") and run_config.get("dataset"):  # the seed papers' values beside ours
+        class_file = run_dir / "class_table.csv"
+        classes = pd.read_csv(class_file) if class_file.is_file() and class_file in written else None
+        written += write_reproduction(run_dir, f"{run_config['model']}-{run_config['dataset']}",
+                                      run_config.get("preset", ""), computed, classes)
     return written
 
 
