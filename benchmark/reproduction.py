@@ -3,7 +3,12 @@
 ``benchmark/published/*.csv`` hold the published values with their source (columns ``source, paper_table,
 table, setting, method, statistic, value``): Stalder et al. (NeurIPS 2022) Table 1 (class-specific masking,
 VGG-16 on VOC-2007), Table 2 (Acc, IoU, Sal, MAE of the four settings) and Table 4 (the classifier's precision,
-recall and F-score on clean and Explainer-masked images), transcribed from the paper's text. ``setting`` is
+recall and F-score on clean and Explainer-masked images); the distribution-guided paper's Tables 1-3 (M_F,
+M_I and the pointing game of ResNet-50 on ImageNet; its "MGnet" is Dabkowski & Gal's objective on the DGMP
+mask generator, not our ``rtis``, so it is kept under its own name and shows as not run); TorchRay's
+pointing-game table (``docs/pointing.csv``, all and difficult, its own VOC/COCO classifiers, not ours: a
+comparison of methods' rankings more than of values; its centre-point baseline is our ``centre-gaussian``,
+whose maximum is the centre). All transcribed from the papers' text. ``setting`` is
 ``<classifier>-<data set>``, ``method`` our registered name, ``statistic`` the statistic of our table (for the
 class table ``<target>/<mask>``).
 

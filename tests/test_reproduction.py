@@ -31,6 +31,12 @@ def test_the_shipped_tables_are_complete():
     seg = published("resnet50-coco").set_index(["method", "statistic"])["value"]
     assert seg[("explainer", "iou")] == 27.42 and seg[("extremal-perturbation", "sal")] == -0.24
     assert published("smallcnn-synthetic").empty
+    dgmp = published("resnet50-imagenet").set_index(["paper_table", "method"])["value"]
+    assert len(dgmp) == 27 and dgmp[("Table 1", "dgmp-cf")] == 71.35 and dgmp[("Table 3", "mgnet")] == 88.63
+    tr = published("resnet50-voc")
+    row = tr[tr["source"].str.startswith("TorchRay") & (tr["method"] == "gradcam")
+             & (tr["statistic"] == "pointing_difficult")]
+    assert row["value"].item() == 82.3
 
 
 def _run(tmp_path, config: dict) -> "Path":  # noqa: F821
