@@ -30,6 +30,7 @@ from maskbench.core.render import csv_text, escape, plain_latex, statistics_late
 from maskbench.core.stats import LEVEL, RESAMPLES, SEED, statistics_table
 from maskbench.core.storage import atomic_write, read_json
 from maskbench.core.store import COMPLETE, RowStore, StoredDataError
+from maskbench.methods.deviations import deviations
 from maskbench.metrics import METRICS, MetricSpec, TableInputs, TableSpec, table_specs, value_range
 
 from .reproduction import write_reproduction
@@ -230,7 +231,7 @@ def write_tables(run_dir: Path, *, resamples: int = RESAMPLES, seed: int = SEED,
         extra = {h: {r.method: str(getattr(r, col)) for r in diag.itertuples()} for h, col in spec.extra.items()}
         note = spec.caption_note(data_info) if spec.caption_note is not None else ""
         after = f" After {spec.paper}." if spec.paper else ""
-        caption = f"{spec.caption}{note} Run: {where}.{after} {ci_note}{mark_note}"
+        caption = f"{spec.caption}{note} Run: {where}.{after} {_deviation_note(methods, labels)}{ci_note}{mark_note}"
         written.append(atomic_write(run_dir / f"{spec.name}.csv", csv_text(_long(table, spec.name, all_metas))))
         written.append(atomic_write(run_dir / f"{spec.name}.tex", statistics_latex(
             table, methods, labels, families, caption, f"tab:{spec.name}-{dataset}-{model}", ci=ci, extra=extra)))
@@ -261,16 +262,30 @@ def write_tables(run_dir: Path, *, resamples: int = RESAMPLES, seed: int = SEED,
                 for r in times.itertuples()}
         phrases = "; ".join(spec.headline[2] for spec in headlines)
         cap = (rf"Leaderboard ({where}): the headline statistic of each table ({phrases}) and images per second. "
-               f"{ci_note}{mark_note}")
+               f"{_deviation_note(methods, labels)}{ci_note}{mark_note}")
         written.append(atomic_write(run_dir / "leaderboard.tex", statistics_latex(
             board, methods, labels, families, cap, f"tab:leaderboard-{dataset}-{model}", ci=ci,
             extra={"Images/s": rate})))
+    listed = [m for m in _method_order(metas) if deviations(m)]
+    if listed:
+        text = ["# Deviations from the published runs", "",
+                "Where a method of this run deliberately differs from its published runs (the method's module "
+                "docstring gives the reasons).", ""]
+        for m in listed:
+            text += [f"## {metas[m].get('label', m)} ({m})", ""] + [f"- {d}" for d in deviations(m)] + [""]
+        written.append(atomic_write(run_dir / "deviations.md", "\n".join(text)))
     if run_config.get("model") and run_config.get("dataset"):  # the seed papers' values beside ours
         class_file = run_dir / "class_table.csv"
         classes = pd.read_csv(class_file) if class_file.is_file() and class_file in written else None
         written += write_reproduction(run_dir, f"{run_config['model']}-{run_config['dataset']}",
                                       run_config.get("preset", ""), computed, classes)
     return written
+
+
+def _deviation_note(methods: list[str], labels: dict[str, str]) -> str:
+    """Caption text naming the rows that deliberately differ from their published runs (``deviations.md``)."""
+    named = [escape(labels.get(m, m)) for m in methods if deviations(m)]
+    return f"Deviating from their published runs (deviations.md): {', '.join(named)}. " if named else ""
 
 
 def _leaderboard(computed: dict[str, pd.DataFrame], headlines: list[TableSpec],

@@ -82,3 +82,23 @@ def test_other_runs_get_no_report_and_a_non_paper_run_is_labelled(tmp_path):
     run = _run(tmp_path / "b", {"model": "vgg16", "dataset": "voc", "preset": "fast"})
     write_tables(run, resamples=50)
     assert "not a reproduction" in (run / "reproduction.md").read_text()
+
+
+def test_deviating_methods_are_named_in_the_captions_and_listed(tmp_path):
+    import ast
+    from pathlib import Path
+
+    from maskbench.methods.deviations import DEVIATIONS, deviations
+
+    run = _run(tmp_path, {"model": "vgg16", "dataset": "voc", "preset": "paper"})
+    write_tables(run, resamples=50)
+    caption = (run / "segmentation.tex").read_text()
+    assert "Deviating from their published runs (deviations.md): explainer." in caption  # not the constants
+    listed = (run / "deviations.md").read_text()
+    assert "## explainer (explainer)" in listed and all(f"- {d}" in listed for d in DEVIATIONS["explainer"])
+    assert "constant-0" not in listed and deviations("rise.paper") == () and deviations("igos++.paper")
+    # data only: no method module imports it, so editing the list changes no method's code hash or cache key
+    for path in (Path(__file__).resolve().parent.parent / "methods").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "deviations" not in (node.module or "") and all(a.name != "deviations" for a in node.names), path
