@@ -209,7 +209,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                   run_name=args.run_name, overwrite=args.overwrite)
     result = run(cfg)
     clf = result.manifest["classifier"]
-    print(f"classifier {cfg.model}: test mAP {clf.get('test_map', 'n/a')} ({clf.get('checkpoint')})")
+    quality = (f"torchvision's {clf['weights']}, not fine-tuned" if clf.get("weights")
+               else f"test mAP {clf.get('test_map', 'n/a')}")
+    print(f"classifier {cfg.model}: {quality} ({clf.get('checkpoint')})")
     print(f"{'method':>16} {'images':>6} {'stored':>6} {'cached':>6} {'new':>5} {'failed':>6} "
           f"{'const':>5} {'seconds':>8}")
     for s in result.summaries:
