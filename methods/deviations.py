@@ -25,8 +25,8 @@ DEVIATIONS: dict[str, tuple[str, ...]] = {
         "the area is measured on the mask over the image, as the paper defines it (TorchRay measures it on its "
         "whole generated grid, margin included; area_domain='full' reproduces that)",
         "the classifier stays in eval() (the NeurIPS 2022 code left dropout on)",
-        "the area is selected per class on the unsmoothed masks (the NeurIPS 2022 pipeline selects on TorchRay's "
-        "smoothed masks and merges the classes before normalising)",
+        "each class's map is min-max rescaled before the metrics merge the classes (the NeurIPS 2022 pipeline "
+        "merged the classes' masks first and rescaled the merged mask)",
     ),
     "igos++": (
         "15 iterations of 20 integration steps, the documented values (the reference's main.py swaps them)",

@@ -24,8 +24,11 @@ R_a(m) = || vecsort(m) - r_a ||^2 (r_a: a fraction 1 - a of zeros, then ones) we
   iterations (this assumes a roughly flip-invariant classifier, as natural-image classifiers are).
 * Output: each area's mask smoothed with a Gaussian of sigma = ``smooth`` x min(H, W) (0.09, as the NeurIPS
   2022 evaluation), then combined over areas by ``combine``: ``select`` (the NeurIPS 2022 evaluation: the
-  smallest area whose preserved class logit reaches the clean one, else the largest), ``mean`` (TorchRay's
-  pointing-game sum of masks, divided by the number of areas) or ``max``; min-max normalised per map.
+  smallest area whose preserved class logit, with the smoothed mask that is returned, reaches the clean one,
+  else the largest; the NeurIPS pipeline decides on TorchRay's smoothed output the same way), ``mean``
+  (TorchRay's pointing-game sum of masks, divided by the number of areas) or ``max``; min-max normalised per
+  map (the NeurIPS pipeline merges the classes' masks first and rescales the merged mask; here each class's
+  map is rescaled and the metrics merge them, see ``methods/deviations.py``).
 
 Published settings (``paper`` preset, the NeurIPS 2022 comparison): areas 0.05/0.1/0.2/0.3, 800 iterations,
 contrastive reward, preserve, 8 levels, step 7, sigma 21, max blur 20 px at 224 px. Pixel sizes scale with the
@@ -212,6 +215,16 @@ def area_references(numel: int, areas: Tensor) -> Tensor:
     return (torch.arange(numel, device=areas.device)[None, :] >= zeros[:, None]).float()
 
 
+@torch.no_grad()
+def preserved_reaches_clean(model: nn.Module, pyramid: Tensor, masks: Tensor, target: Tensor) -> Tensor:
+    """(N,) bool: the class logit of each row's image preserved by its mask (``apply_pyramid``: blurred where the
+    mask is 0) reaches the logit of the clean image (the pyramid's last level is the image itself)."""
+    n = len(target)
+    x = torch.cat([pyramid[:, -1], apply_pyramid(pyramid, masks)])
+    logit = model(x).float().gather(1, target.repeat(2)[:, None])[:, 0]
+    return logit[n:] >= logit[:n]
+
+
 @register_method("extremal-perturbation")
 @dataclass
 class ExtremalPerturbation(AttributionMethod):
@@ -315,16 +328,21 @@ class ExtremalPerturbation(AttributionMethod):
         target = classes.reshape(-1).repeat_interleave(n_areas)
         areas = torch.tensor(self.areas, device=images.device).repeat(b * k)
         maps = torch.empty(len(owner), 1, h, w, device=images.device)
+        for s in range(0, len(owner), self.max_batch):
+            sl = slice(s, s + self.max_batch)
+            maps[sl] = self._optimise(model, gen, pyramid[owner[sl]], target[sl], areas[sl])
+        if self.smooth > 0:
+            maps = gaussian_blur(maps, self.smooth * min(h, w))
+        # the area decision reads the masks that are returned (smoothed), as the NeurIPS 2022 pipeline reads
+        # TorchRay's output
         reached = torch.empty(len(owner), dtype=torch.bool, device=images.device)
         for s in range(0, len(owner), self.max_batch):
             sl = slice(s, s + self.max_batch)
-            maps[sl], reached[sl] = self._optimise(model, gen, pyramid[owner[sl]], target[sl], areas[sl])
-        if self.smooth > 0:
-            maps = gaussian_blur(maps, self.smooth * min(h, w))
+            reached[sl] = preserved_reaches_clean(model, pyramid[owner[sl]], maps[sl], target[sl])
         return maps.view(b, k, n_areas, h, w), reached.view(b, k, n_areas)
 
     def _optimise(self, model: nn.Module, gen: SmoothMaskGenerator, pyramid: Tensor, target: Tensor,
-                  areas: Tensor) -> tuple[Tensor, Tensor]:
+                  areas: Tensor) -> Tensor:
         """Optimise one mask per row; ``pyramid`` holds each row's (L, 3, H, W) blur pyramid."""
         n = len(target)
         params = torch.ones(n, 1, *gen.grid_shape, device=pyramid.device, requires_grad=True)
@@ -344,7 +362,4 @@ class ExtremalPerturbation(AttributionMethod):
                     params.clamp_(0, 1)
                 lam *= self.lambda_growth
         with torch.no_grad():
-            mask = gen.crop(gen(params))
-            x = torch.cat([pyramid[:, -1], apply_pyramid(pyramid, mask)])
-            logit = model(x).float().gather(1, target.repeat(2)[:, None])[:, 0]
-        return mask, logit[n:] >= logit[:n]  # the preserved class logit reaches the clean one
+            return gen.crop(gen(params))

@@ -97,3 +97,29 @@ def test_area_reference_and_pyramid():
     torch.testing.assert_close(apply_pyramid(rows, torch.zeros(2, 1, 16, 16)), rows[:, 0])
     half = apply_pyramid(rows, torch.full((2, 1, 16, 16), 0.5))  # level 1.5: between levels 1 and 2
     torch.testing.assert_close(half, (rows[:, 1] + rows[:, 2]) / 2)
+
+
+def test_the_area_is_chosen_on_the_smoothed_masks_that_are_returned():
+    """NeurIPS 2022 pipeline: keep the first area whose preserved logit, with the mask TorchRay returns (smoothed),
+    reaches the clean logit. The decision must hold for the returned maps, recomputed independently."""
+    from mb_testutils import tiny_model
+
+    from maskbench.methods import build_method
+
+    model = tiny_model(4)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    classes = torch.tensor([[0, 1], [2, 3], [1, 2]])
+    method = build_method("extremal-perturbation", preset="fast", areas=[0.05, 0.2, 0.4], max_iter=20,
+                          smooth=0.2)
+    maps, reached = method.area_masks(model, images, classes)
+    scale = 32 / 224.0
+    pyramid = blur_pyramid(images, method.levels, method.max_blur * scale)
+    b, k, a = reached.shape
+    with torch.no_grad():
+        for i in range(b):
+            for j in range(k):
+                for n in range(a):
+                    x = torch.cat([images[i : i + 1], apply_pyramid(pyramid[i : i + 1], maps[i, j, n][None, None])])
+                    logit = model(x)[:, classes[i, j]]
+                    assert bool(reached[i, j, n]) == bool(logit[1] >= logit[0]), (i, j, n)
+    assert reached.any() and not reached.all()  # both decisions occur, so the check can fail
