@@ -23,10 +23,10 @@ import pandas as pd
 
 from maskbench.core.errors import MaskbenchError
 from maskbench.core.storage import atomic_write, read_json
+from maskbench.metrics import table_specs
 
 from .config import RunConfig
 
-STAT_TABLES = ("segmentation", "faithfulness", "explainability", "pointing", "class_contrast", "masked_classifier")
 ROUNDING = 5e-5  # the CSVs keep 4 decimals
 
 
@@ -46,7 +46,7 @@ def rerun_config(run_dir: Path, scratch: Path, **overrides: Any) -> RunConfig:
 def compare_tables(stored_dir: Path, new_dir: Path) -> pd.DataFrame:
     """One row per statistic cell of the stored tables: stored value and interval, new value, verdicts."""
     recs = []
-    for name in STAT_TABLES:
+    for name in [spec.name for spec in table_specs()]:  # every declared table, plugin metrics' included
         a, b = Path(stored_dir) / f"{name}.csv", Path(new_dir) / f"{name}.csv"
         if not a.is_file():
             continue
