@@ -123,13 +123,11 @@ class _Session:
     threads: dict[str, Any] = field(default_factory=dict)  # intra-op threads used, and why
 
     def method_context(self):
-
         return MethodContext(self.model, self.config.dataset, self.datasets, self.test.num_classes, self.device,
                              self.cache, self.config.seed, self.config.progress, self.clf_key,
                              tuple(self.test.mean), tuple(self.test.std))
 
     def load_batch(self, ids: list[str]):
-
         return collate([self.test.load(i) for i in ids]).to(self.device)
 
 
@@ -243,7 +241,6 @@ class _MethodRun:
     def _explain_missing(self, ids: list[str], batch: Batch, classes: torch.Tensor, masks: torch.Tensor,
                          missing: list[int], ok: torch.Tensor) -> None:
         """Explain the images of ``missing`` (indices into the batch), cache their masks, mark failures."""
-
         self._setup()
         sub = torch.tensor(missing, device=self.s.device)
         sub_batch = batch if len(missing) == len(ids) else batch.select(missing)
@@ -289,7 +286,6 @@ class _MethodRun:
 
     def _score(self, ids: list[str], batch: Batch, classes: torch.Tensor, masks: torch.Tensor,
                ok: torch.Tensor) -> None:
-
         flat = masks.flatten(2)
         constant = (flat.amax(2) - flat.amin(2)) <= 1e-6
         self.summary.constant_maps += int(constant[ok.to(self.s.device)].sum())
@@ -300,7 +296,7 @@ class _MethodRun:
         kt = torch.tensor(keep, device=self.s.device)
         inputs = MetricInputs(self.s.model, kb.images, masks[kt], classes[kt], kb)
         kept_ids = [ids[j] for j in keep]
-        wanted = {n for iid in kept_ids for n in self.todo_metrics.get(iid, self.metric_keys)}
+        wanted = {n for iid in kept_ids for n in self.todo_metrics[iid]}
         parts = []
         for n, spec in self.s.metric_specs.items():
             if n not in wanted:  # stored for every image of the batch already
@@ -310,7 +306,7 @@ class _MethodRun:
                 values = {f"{n}/{key}": v.float().cpu().tolist() for key, v in result.items()}
             else:
                 values = {n: result.float().cpu().tolist()}
-            todo = [iid for iid in kept_ids if n in self.todo_metrics.get(iid, self.metric_keys)]
+            todo = [iid for iid in kept_ids if n in self.todo_metrics[iid]]
             metric_rows = rows_from_values(kept_ids, values, self.metric_keys[n])
             parts.append(metric_rows[metric_rows["image_id"].isin(todo)])
         if not parts:
@@ -321,7 +317,6 @@ class _MethodRun:
         self.new_rows.append(with_markers(rows))  # a marker row per (metric, image) counts its other rows
 
     def run(self) -> MethodSummary:
-
         s, t_method = self.s, time.perf_counter()
         todo = [iid for iid in s.image_ids if iid not in self.done]
         self.summary.skipped = len(s.image_ids) - len(todo)
@@ -420,8 +415,6 @@ def prepare(config: RunConfig) -> _Session:
     Under ``torch.distributed`` rank 0 prepares first (generating data, training the classifier) while the other
     ranks wait, then they load what it cached.
     """
-
-
     threads = apply_threads(config.threads)
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
