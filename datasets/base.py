@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +159,13 @@ def stack_split(dataset: Any) -> tuple[Tensor, Tensor]:
         return images, labels
     samples = [dataset[i] for i in range(len(dataset))]
     return torch.stack([s.image for s in samples]), torch.stack([s.label for s in samples])
+
+
+def seeded_sample(ids: Sequence[str], n: int, seed: int = 0) -> list[str]:
+    """``n`` of the sorted ``ids`` drawn with ``random.Random(seed)``, returned sorted (all of them when fewer):
+    the named subsets of the real data sets (ImageNet's ``dgmp-test``, COCO's ``neurips-test`` and holdouts)."""
+    ids = sorted(ids)
+    return ids if len(ids) <= n else sorted(random.Random(seed).sample(ids, n))
 
 
 IN_MEMORY_BYTES = 2 * 1024**3  # splits up to this size are held in memory for training

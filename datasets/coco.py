@@ -17,6 +17,16 @@ Reads an ``instances_<split>.json`` file (``info``, ``images`` with ``id``/``fil
 * ``boxes``: ``bbox`` ``[x, y, w, h]`` -> ``[x, y, x + w, y + h]`` scaled to the returned size;
   ``box_difficult`` is all False.
 * ``image_id``: the file stem of ``file_name``.
+
+Splits: any ``instances_<split>.json`` (``train2014``, ``val2014``), and the named subsets of the NeurIPS 2022
+runs (:data:`DERIVED_SPLITS`), all seeded samples of the sorted image ids (:func:`~maskbench.datasets.base.
+seeded_sample`, seed 0):
+
+* ``train`` / ``val``: train2014 split 90/10. NN-Explainer trained its classifiers and Explainers on a 90/10
+  split of train2014 whose JSON files were downloaded from a private server and cannot be regenerated, so ours
+  is a seeded one (``val`` = a tenth of train2014, ``train`` = the rest).
+* ``neurips-test``: 1,000 images of val2014, where the paper's mask metrics were computed (its script drew them
+  with ``random.sample`` and no seed; every val2014 image when there are fewer).
 """
 
 from __future__ import annotations
@@ -35,9 +45,25 @@ from pycocotools.coco import COCO
 
 from maskbench.core.errors import DataError
 
-from .base import DATASETS, AttributionDataset, Sample, check_image_size
+from .base import DATASETS, AttributionDataset, Sample, check_image_size, seeded_sample
 from .download import how_to_download
 from .voc import _root_from_env, image_to_tensor, load_rgb, output_size, resize_nearest, resize_rgb
+
+# name -> (official split it is drawn from, what it keeps): "holdout" = a tenth, "rest" = the other nine tenths,
+# an int = that many images
+DERIVED_SPLITS: dict[str, tuple[str, str | int]] = {
+    "train": ("train2014", "rest"),
+    "val": ("train2014", "holdout"),
+    "neurips-test": ("val2014", 1000),
+}
+
+
+def derived_ids(ids: list[str], keep: str | int) -> list[str]:
+    """The image ids of a derived split (see :data:`DERIVED_SPLITS`) among the official split's ``ids``."""
+    if isinstance(keep, int):
+        return seeded_sample(ids, keep)
+    held = seeded_sample(ids, max(1, round(len(ids) / 10)))
+    return held if keep == "holdout" else sorted(set(ids) - set(held))
 
 
 class COCODataset(AttributionDataset):
@@ -45,7 +71,8 @@ class COCODataset(AttributionDataset):
 
     Args:
         root: data folder; defaults below are relative to it.
-        split: e.g. ``val2014``.
+        split: e.g. ``val2014``, or a derived split (``train``, ``val``, ``neurips-test``; see the module
+            docstring) when no ``instances_<split>.json`` of that name exists.
         image_size: side of the returned square images (aspect ratio not kept); ``None`` = native size.
         ann_file: annotation json, default ``<root>/annotations/instances_<split>.json``.
         image_dir: folder that ``file_name`` is relative to, default ``<root>/<split>``.
@@ -65,14 +92,18 @@ class COCODataset(AttributionDataset):
         if not root_p.exists():
             raise DataError(f"COCO data root not found: {root_p} (expected annotations/ and image folders); "
                             f"{how_to_download('coco', root_p)}.")
-        default_ann = root_p / "annotations" / f"instances_{split}.json"
+        source, keep = split, None
+        if split in DERIVED_SPLITS and not (root_p / "annotations" / f"instances_{split}.json").is_file():
+            source, keep = DERIVED_SPLITS[split]
+        default_ann = root_p / "annotations" / f"instances_{source}.json"
         self.ann_file = Path(ann_file) if ann_file is not None else default_ann
-        self.image_dir = Path(image_dir) if image_dir is not None else root_p / split
+        self.image_dir = Path(image_dir) if image_dir is not None else root_p / source
         if not self.ann_file.is_file():
             found = sorted(f.stem[len("instances_"):] for f in (root_p / "annotations").glob("instances_*.json"))
+            derived = [d for d, (src, _) in DERIVED_SPLITS.items() if src in found and d not in found]
             raise DataError(
                 f"COCO annotation file not found: {self.ann_file} (expected an instances_<split>.json). "
-                f"Available splits: {', '.join(found) if found else '(none)'}."
+                f"Available splits: {', '.join(found + derived) if found else '(none)'}."
             )
         if not self.image_dir.is_dir():
             raise DataError(f"COCO image folder not found: {self.image_dir}.")
@@ -99,7 +130,7 @@ class COCODataset(AttributionDataset):
             self._stem_to_img[stem] = img_id
         if not self._stem_to_img:
             raise DataError(f"COCO annotation file {self.ann_file} lists no images.")
-        self.image_ids = list(self._stem_to_img)
+        self.image_ids = list(self._stem_to_img) if keep is None else derived_ids(list(self._stem_to_img), keep)
 
     def content_files(self) -> list[tuple[str, Path]]:
         """The annotation file, then every image of the split (named by its ``file_name``)."""
@@ -203,7 +234,7 @@ class COCODataset(AttributionDataset):
         )
 
 
-@DATASETS.register("coco", splits={"test": "val2014", "train": "train2014"})
+@DATASETS.register("coco", splits={"test": "neurips-test", "train": "train", "val": "val"})
 def build_coco(
     root: str | os.PathLike[str] | None = None,
     split: str = "val2014",

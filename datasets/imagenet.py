@@ -15,18 +15,27 @@ Layouts read (``root`` is the folder given with ``--data-root`` or ``$MASKBENCH_
   ``LOC_val_solution.csv`` (``ImageId,PredictionString`` with ``wnid xmin ymin xmax ymax`` repeated).
 
 Boxes: the annotations give inclusive 0-based pixel indices; a box covers pixels ``xmin..xmax``, so it becomes the
-pixel-edge box ``[xmin, ymin, xmax + 1, ymax + 1]``, scaled with the image like VOC's. Splits: ``val`` (every
-annotated image) and ``dgmp-test``, the distribution-guided paper's test set: "10,000 images randomly sampled
-from the validation set"; the paper does not list them, so ours is a seeded sample (``random.Random(0)`` over
-the sorted image ids; every image when there are fewer). No download: the ImageNet licence requires a sign-in at
-image-net.org, so a missing root is an error that says which files to put where.
+pixel-edge box ``[xmin, ymin, xmax + 1, ymax + 1]``, scaled with the image like VOC's. Splits:
+
+* ``val`` (every annotated validation image) and ``dgmp-test``, the distribution-guided paper's test set:
+  "10,000 images randomly sampled from the validation set"; the paper does not list them, so ours is a seeded
+  sample (``random.Random(0)`` over the sorted image ids; every image when there are fewer);
+* ``train`` and ``train-holdout``, for the learned methods (the paper trains its mask predictor on the training
+  set: "250,000 images sampled from the training set" for the feature filter, then 10 epochs): the training
+  images in their class folders (``train/n01440764/n01440764_10026.JPEG``, or Kaggle's
+  ``ILSVRC/Data/CLS-LOC/train/``), labelled by their folder, without boxes (the training boxes cover a fraction
+  of the images and no metric reads them). ``train-holdout`` is a seeded sample of 10,000 training images (a
+  tenth when there are fewer than 100,000), our validation split for the learned methods' model selection (the
+  paper keeps the last epoch and names no validation set); ``train`` is the rest.
+
+No download: the ImageNet licence requires a sign-in at image-net.org, so a missing root is an error that says
+which files to put where.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-import random
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -36,19 +45,25 @@ import torch
 from maskbench.core.errors import DataError
 from maskbench.core.storage import stable_hash
 
-from .base import DATASETS, AttributionDataset, Sample, check_image_size
+from .base import DATASETS, AttributionDataset, Sample, check_image_size, seeded_sample
 from .voc import image_to_tensor, load_rgb, output_size, resize_rgb
 
 SYNSETS_FILE = Path(__file__).with_name("imagenet_synsets.txt")
 DGMP_TEST_SIZE = 10_000
 DGMP_TEST_SEED = 0
-SPLITS = ("val", "dgmp-test")
+HOLDOUT_SIZE = 10_000  # train-holdout: this many training images, or a tenth of them when that is fewer
+SPLITS = ("val", "dgmp-test", "train", "train-holdout")
 HOW_TO = (
     "ImageNet cannot be downloaded by maskbench (its licence needs a sign-in at image-net.org). Put the "
     "ILSVRC-2012 validation images (ILSVRC2012_img_val.tar) into <root>/val/ (flat or in class folders) and "
     "their boxes (ILSVRC2012_bbox_val_v3.tgz) into <root>/val/ or <root>/bbox_val/ as *.xml, or use Kaggle's "
     "imagenet-object-localization-challenge layout (<root>/ILSVRC/Data/CLS-LOC/val/ and "
     "<root>/LOC_val_solution.csv); then pass --data-root <root> or set MASKBENCH_IMAGENET_ROOT."
+)
+HOW_TO_TRAIN = (
+    "The learned methods train on the ILSVRC-2012 training images: put ILSVRC2012_img_train.tar's class folders "
+    "into <root>/train/ (<root>/train/n01440764/n01440764_10026.JPEG ...), or use Kaggle's "
+    "<root>/ILSVRC/Data/CLS-LOC/train/."
 )
 
 
@@ -64,10 +79,12 @@ def category_names() -> list[str]:
     return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def _image_dir(root: Path) -> Path:
-    for cand in (root / "val", root / "ILSVRC" / "Data" / "CLS-LOC" / "val"):
+def _image_dir(root: Path, folder: str = "val") -> Path:
+    for cand in (root / folder, root / "ILSVRC" / "Data" / "CLS-LOC" / folder):
         if cand.is_dir():
             return cand
+    if folder == "train":
+        raise DataError(f"ImageNet training images not found under {root}. {HOW_TO_TRAIN}")
     raise DataError(f"ImageNet validation images not found under {root}. {HOW_TO}")
 
 
@@ -125,11 +142,33 @@ class ImageNetDataset(AttributionDataset):
         self.synsets = synsets()
         self.classes = self.synsets
         self.class_to_index = {w: i for i, w in enumerate(self.synsets)}
-        self.image_dir = _image_dir(root_p)
+        if split in ("train", "train-holdout"):
+            self._init_train(root_p, split)
+        else:
+            self._init_val(root_p, split)
+
+    def _init_train(self, root: Path, split: str) -> None:
+        """Training images in class folders, labelled by the folder (no boxes)."""
+        self.image_dir = _image_dir(root, "train")
+        self.paths = {}
+        for folder in sorted(p for p in self.image_dir.iterdir() if p.is_dir()):
+            if folder.name not in self.class_to_index:
+                raise DataError(f"ImageNet training folder {folder} is not one of the 1,000 ILSVRC-2012 synsets "
+                                f"({SYNSETS_FILE.name}). {HOW_TO_TRAIN}")
+            self.paths.update({p.stem: p for p in folder.glob("*.JPEG")})
+        if not self.paths:
+            raise DataError(f"No *.JPEG images in the class folders of {self.image_dir}. {HOW_TO_TRAIN}")
+        self.objects = {i: [(p.parent.name, None)] for i, p in self.paths.items()}
+        ids = sorted(self.paths)
+        held = seeded_sample(ids, min(HOLDOUT_SIZE, len(ids) // 10) or 1, DGMP_TEST_SEED)
+        self.image_ids = held if split == "train-holdout" else sorted(set(ids) - set(held))
+
+    def _init_val(self, root: Path, split: str) -> None:
+        self.image_dir = _image_dir(root)
         self.paths = {p.stem: p for p in self.image_dir.rglob("*.JPEG")}
         if not self.paths:
             raise DataError(f"No *.JPEG images in {self.image_dir}. {HOW_TO}")
-        self.objects = _annotations(root_p, self.image_dir)
+        self.objects = _annotations(root, self.image_dir)
         missing = sorted(set(self.paths) - set(self.objects))
         if missing:
             raise DataError(f"{len(missing)} ImageNet image(s) have no annotation, e.g. {missing[0]} "
@@ -144,12 +183,11 @@ class ImageNetDataset(AttributionDataset):
                 raise DataError(f"{self.paths[image_id]} lies in class folder {folder.name} but its annotation says "
                                 f"{self.objects[image_id][0][0]}.")
         ids = sorted(self.paths)
-        if split == "dgmp-test" and len(ids) > DGMP_TEST_SIZE:
-            ids = sorted(random.Random(DGMP_TEST_SEED).sample(ids, DGMP_TEST_SIZE))
-        self.image_ids = ids
+        self.image_ids = seeded_sample(ids, DGMP_TEST_SIZE, DGMP_TEST_SEED) if split == "dgmp-test" else ids
 
     def content_files(self) -> list[tuple[str, Path]] | None:
-        return [(f"val/{i}.JPEG", self.paths[i]) for i in self.image_ids]
+        folder = "train" if self.split.startswith("train") else "val"
+        return [(f"{folder}/{i}.JPEG", self.paths[i]) for i in self.image_ids]
 
     def fingerprint_options(self) -> dict[str, Any]:
         return {"annotations": stable_hash([(i, self.objects[i]) for i in self.image_ids])}
@@ -162,20 +200,21 @@ class ImageNetDataset(AttributionDataset):
         cls = [self.class_to_index[w] for w, _ in objects]
         label = torch.zeros(len(self.classes), dtype=torch.float32)
         label[torch.tensor(sorted(set(cls)))] = 1.0
-        boxes = torch.tensor([[x0, y0, x1 + 1.0, y1 + 1.0] for _, (x0, y0, x1, y1) in objects],
-                             dtype=torch.float32).reshape(-1, 4)
+        boxes = torch.tensor([[x0, y0, x1 + 1.0, y1 + 1.0] for _, b in objects if b is not None
+                              for x0, y0, x1, y1 in [b]], dtype=torch.float32).reshape(-1, 4)
         boxes = boxes * torch.tensor([out_w / native_wh[0], out_h / native_wh[1]] * 2)
         return Sample(
             image=image_to_tensor(resize_rgb(image, self.image_size), self.mean, self.std),
             label=label,
             image_id=image_id,
             boxes=boxes,
-            box_labels=torch.tensor(cls, dtype=torch.long),
-            box_difficult=torch.zeros(len(cls), dtype=torch.bool),
+            box_labels=torch.tensor(cls[: len(boxes)], dtype=torch.long),
+            box_difficult=torch.zeros(len(boxes), dtype=torch.bool),
         )
 
 
-@DATASETS.register("imagenet", splits={"test": "dgmp-test"}, classifier="imagenet")
+@DATASETS.register("imagenet", splits={"test": "dgmp-test", "train": "train", "val": "train-holdout"},
+                   classifier="imagenet")
 def build_imagenet(root: str | os.PathLike[str] | None = None, split: str = "dgmp-test",
                    image_size: int | None = 224, **options: Any) -> ImageNetDataset:
     """ImageNet validation (default: the distribution-guided paper's 10,000-image test set); ``root`` defaults to

@@ -322,6 +322,30 @@ def test_coco_builder_and_errors(ds_coco_root: Path, tmp_path: Path, monkeypatch
     assert str(jpg) in str(err.value)
 
 
+def test_coco_derived_splits_are_seeded_subsets_of_the_official_ones(ds_coco_root: Path) -> None:
+    import shutil
+
+    from maskbench.datasets import coco
+
+    for official in ("train2014", "val2014"):
+        shutil.copy(ds_coco_root / "annotations" / "instances_val.json",
+                    ds_coco_root / "annotations" / f"instances_{official}.json")
+        shutil.copytree(ds_coco_root / "val", ds_coco_root / official)
+    full = COCODataset(ds_coco_root, "train2014").image_ids
+    train, val = COCODataset(ds_coco_root, "train").image_ids, COCODataset(ds_coco_root, "val2014").image_ids
+    # (this fixture's own instances_val.json takes precedence over the derived "val": tested below on ids)
+    assert sorted(train) == train and len(train) == 2 and set(train) < set(full)
+    assert COCODataset(ds_coco_root, "neurips-test").image_ids == sorted(val)  # 3 <= 1,000: every image
+    # the holdout of 10 ids is one tenth, drawn with random.Random(0), and the rest is disjoint from it
+    ids = [f"{i:03d}" for i in range(30)]
+    held, rest = coco.derived_ids(ids, "holdout"), coco.derived_ids(ids, "rest")
+    assert len(held) == 3 and len(rest) == 27 and sorted(held + rest) == ids
+    assert held == coco.derived_ids(list(reversed(ids)), "holdout") == coco.derived_ids(ids, "holdout")
+    assert coco.derived_ids(ids, 5) == sorted(__import__("random").Random(0).sample(ids, 5))
+    with pytest.raises(DataError, match="Available splits: train2014, val, val2014, train, neurips-test"):
+        COCODataset(ds_coco_root, "test")
+
+
 def test_registry() -> None:
     assert {"voc", "coco", "synthetic", "synthetic-coco"} <= set(DATASETS.list())
     with pytest.raises(UnknownNameError, match="voc") as err:

@@ -69,7 +69,9 @@ def test_missing_or_wrong_data_say_what_to_put_where(tmp_path, monkeypatch):
             build_dataset("imagenet", **kwargs)
         assert "ILSVRC2012_img_val.tar" in str(err.value) and "LOC_val_solution.csv" in str(err.value)
     root = write_imagenet_fixture(tmp_path / "a")
-    with pytest.raises(DataError, match="Available splits: val, dgmp-test"):
+    with pytest.raises(DataError, match="Available splits: val, dgmp-test, train, train-holdout"):
+        build_dataset("imagenet", root=root, split="test")
+    with pytest.raises(DataError, match="ILSVRC2012_img_train.tar's class folders into <root>/train/"):
         build_dataset("imagenet", root=root, split="train")
     xml = root / "val" / "ILSVRC2012_val_00000003.xml"
     xml.write_text(xml.read_text().replace("n01440764", "n99999999"))
@@ -157,3 +159,33 @@ def _torchvision_resnet(state):
     net = torchvision.models.resnet50(weights=None)
     net.load_state_dict(state)
     return net.eval()
+
+
+def _write_train_tree(root, per_class: dict[str, int]):
+    from PIL import Image
+
+    for k, (wnid, n) in enumerate(per_class.items()):
+        (root / "train" / wnid).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (20 + i, 16), (k * 40, i * 10, 0)).save(root / "train" / wnid / f"{wnid}_{i}.JPEG")
+    return root
+
+
+def test_the_training_split_is_labelled_by_its_folders_and_the_holdout_is_disjoint(tmp_path, monkeypatch):
+    per_class = {"n01440764": 7, "n01443537": 6, "n15075141": 7}  # 20 images: the holdout is a tenth
+    root = _write_train_tree(write_imagenet_fixture(tmp_path), per_class)
+    train = build_dataset("imagenet", root=root, split="train", image_size=32)
+    held = build_dataset("imagenet", root=root, split="train-holdout", image_size=32)
+    assert len(held) == 2 and len(train) == 18 and not set(train.image_ids) & set(held.image_ids)
+    assert held.image_ids == build_dataset("imagenet", root=root, split="train-holdout").image_ids  # seeded
+    wnids = inet.synsets()
+    for data in (train, held):
+        for image_id in data.image_ids:
+            s = data.load(image_id)
+            assert torch.nonzero(s.label).flatten().tolist() == [wnids.index(image_id.split("_")[0])]
+            assert s.boxes.shape == (0, 4) and s.box_labels.numel() == 0 and s.image.shape == (3, 32, 32)
+    monkeypatch.setattr(inet, "HOLDOUT_SIZE", 1)  # 10,000 on the real set: the smaller of the two
+    assert len(build_dataset("imagenet", root=root, split="train-holdout")) == 1
+    (root / "train" / "n99999999").mkdir()
+    with pytest.raises(DataError, match="n99999999"):
+        build_dataset("imagenet", root=root, split="train")
