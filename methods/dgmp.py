@@ -30,14 +30,18 @@ The predictor (Fig. 1b, Sec. 3):
 
 Choices and deviations (each with its reason):
 
-1. **Multi-label loss.** The paper explains the classifier's predicted class with the softmax cross-entropy of
-   ImageNet. Our classifiers are multi-label (sigmoid per class) and images have several objects, so every
+1. **Objective** (``objective``). On a single-label (softmax) classifier, the paper's published setting
+   (ResNet-50, ImageNet), it is the paper's: each training image explains the classifier's predicted class
+   (top-1 on the clean image; "no ground truth is introduced and only the outputs of the classifier are
+   utilized") with the softmax cross-entropy ``-log softmax(f(phi(I, M_c)))_c``, and the feature filter learns
+   the predicted class too. On our multi-label (sigmoid) classifiers images hold several objects, so every
    (image, true class) pair is explained: ``loss = mean over pairs of -log sigmoid(f_c(phi(I, M_c)))``, the
-   BCE of the explained class's own sigmoid. True labels (not the classifier's predictions; the paper uses
-   "only the outputs of the classifier") select the classes: the benchmark explains true classes, and it
-   keeps the pair set independent of the classifier's mistakes. The pairs are found with ``torch.nonzero``,
-   one host synchronisation per training step (the exact set of true pairs; a fixed-size alternative would
-   run the decoder on padding pairs).
+   BCE of the explained class's own sigmoid, and the filter learns the true labels. True labels there (not
+   the classifier's predictions): the benchmark explains true classes, and it keeps the pair set independent
+   of the classifier's mistakes. ``objective="auto"`` (the default) picks by the classifier's
+   :func:`~maskbench.core.scores.probability_kind`; ``multilabel`` / ``predicted`` force one. The pairs are
+   found with ``torch.nonzero``, one host synchronisation per training step (the exact set of true pairs; a
+   fixed-size alternative would run the decoder on padding pairs).
 2. **Substrate A** (Sec. 4): with probability 1/2 per pair, a Gaussian blur of I, otherwise a random colour
    image plus Gaussian noise. "A variance of 10" is read as sigma = 10 px at 224 px: the code the paper builds
    on (D&G) blurs with sigma = 11 at 224 px, and a literal variance of 10 (sigma = 3.2 px) would leave
@@ -71,7 +75,7 @@ Choices and deviations (each with its reason):
    scores the maximum) the untuned map is kept rather than returning no ranking at all. ``r'`` preserves the
    order of ``r`` weakly (pixels with ``v = 0`` tie at 0); pixels with equal scores share the mean of their
    ``v`` (ties are otherwise broken arbitrarily, which made the output depend on 1e-7 differences between a
-   batched and a single-image pass). ``q`` is the class sigmoid (multi-label).
+   batched and a single-image pass). ``q`` is the classifier's class probability (sigmoid or softmax).
    All (image, class, point) insertion images are batched (chunks of ``FT_CHUNK`` images). The raw masks are
    computed one image per pass (all its classes together): a ranking is discontinuous, and a convolution's
    result changes in the last bits with the batch size, so batched and single-image explanations would
@@ -101,6 +105,7 @@ from torch import Tensor, nn
 
 from maskbench.core.errors import MaskbenchError
 from maskbench.core.images import colour_noise, gaussian_kernel1d, scaled_sigma
+from maskbench.core.scores import class_probabilities, probability_kind
 from maskbench.datasets.base import SplitView
 
 from .base import MethodContext, register_method
@@ -115,6 +120,22 @@ FAST: dict[str, Any] = {
     "filter_lr": 1e-2,  # converges in ~100 steps (val BCE 0.26 vs 0.30 after 300 steps at 1e-3)
     "decoder_width": 16,  # SmallCNN's maps have 16-64 channels: 16 at 16x16, 32 at 8x8 (25 k parameters)
 }
+
+
+OBJECTIVES = ("auto", "multilabel", "predicted")
+
+
+def training_targets(objective: str, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, bool]:
+    """The (B, C) 0/1 targets a training batch explains and whether the loss is the softmax cross-entropy:
+    the true labels (``multilabel``) or the one-hot top-1 class of the clean images (``predicted``); ``auto``
+    is ``predicted`` for a softmax classifier and ``multilabel`` for a sigmoid one (item 1)."""
+    if objective == "auto":
+        objective = "predicted" if probability_kind(model) == "softmax" else "multilabel"
+    if objective == "multilabel":
+        return labels, False
+    with torch.no_grad():
+        top = model(images).argmax(1)
+    return F.one_hot(top, labels.shape[1]).to(labels.dtype), True
 
 
 # -- distribution controller (eq. 5, 6) and fine-tuning (Sec. 3.3): pure functions -------------------------------
@@ -353,6 +374,7 @@ class DGMP(LearnedMethod):
     blur_probability: float = 0.5
     filter_images: int = 250_000
     filter_lr: float = 1e-3
+    objective: str = "auto"  # auto (by the classifier's probabilities) | multilabel | predicted (item 1)
 
     family = "learned"
     version = "2"  # 2: the step decay of the learning rate is applied
@@ -362,7 +384,7 @@ class DGMP(LearnedMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from .base import check_range
+        from .base import check_choice, check_range
 
         check_range(self, "lr_decay_every", 1)
         check_range(self, "lr_decay", 0, 1, low_open=True)
@@ -372,6 +394,7 @@ class DGMP(LearnedMethod):
         check_range(self, "blur_probability", 0, 1)
         check_range(self, "filter_images", 0)  # 0: no class-filter pre-training stage
         check_range(self, "filter_lr", 0, low_open=True)
+        check_choice(self, "objective", OBJECTIVES)
 
     # -- controller ------------------------------------------------------------------------------------------
     def transform(self, z: Tensor) -> Tensor:
@@ -425,14 +448,18 @@ class DGMP(LearnedMethod):
 
     def training_loss(self, net: nn.Module, model: nn.Module, images: Tensor, labels: Tensor,
                       generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        targets, softmax = training_targets(self.objective, model, images, labels)
         feats = self._features(model, images)
-        image_idx, cls = torch.nonzero(labels > 0, as_tuple=True)  # every (image, true class) pair
+        image_idx, cls = torch.nonzero(targets > 0, as_tuple=True)  # every (image, explained class) pair
         m = self.masks(net, feats, image_idx, cls, images.shape[-2:])[:, None]  # (P, 1, H, W)
         a = self.substrate(images, image_idx, generator)
         x = images[image_idx]
         logits = model(x * m + a * (1 - m))
-        logit = logits.gather(1, cls[:, None])[:, 0].float()
         n = max(cls.numel(), 1)
+        if softmax:  # -log softmax(f(phi(I, M_c)))_c
+            log_p = torch.log_softmax(logits.float(), dim=1).gather(1, cls[:, None])[:, 0]
+            return {"loss": -log_p.sum() / n, "prob": log_p.exp().sum().detach() / n, "mask": m.mean().detach()}
+        logit = logits.gather(1, cls[:, None])[:, 0].float()
         loss = F.softplus(-logit).sum() / n  # -log sigmoid(f_c(phi(I, M_c)))
         return {"loss": loss, "prob": torch.sigmoid(logit).sum().detach() / n, "mask": m.mean().detach()}
 
@@ -468,7 +495,8 @@ class DGMP(LearnedMethod):
 
     def pretrain_filter(self, net: MaskGenerator, model: nn.Module, train: SplitView, val: SplitView,
                         device: torch.device, progress: TrainingProgress | None = None) -> dict[str, Any]:
-        """App. A.1: train the class embeddings alone with BCE(mean_ij sigmoid(X_ij^T C_s), y_s), then freeze them.
+        """App. A.1: train the class embeddings alone with BCE(mean_ij sigmoid(X_ij^T C_s), y_s), then freeze them
+        (``y``: the true labels, or the predicted class under the ``predicted`` objective, item 1).
 
         Always runs its ``ceil(filter_images / batch_size)`` steps. Like :meth:`LearnedMethod.fit` it saves its
         progress (stage ``"filter"``: network, optimiser, generator and global random states, step, permutation,
@@ -505,9 +533,11 @@ class DGMP(LearnedMethod):
                 perm = torch.randperm(len(train), generator=gen)
             idx = perm[(step % per_epoch) * self.batch_size : (step % per_epoch + 1) * self.batch_size]
             xb, yb = train[idx]
-            deep = self._features(model, xb.to(device))[-1]
+            xb = xb.to(device)
+            yb, _ = training_targets(self.objective, model, xb, yb.to(device))
+            deep = self._features(model, xb)[-1]
             scores = net.filter_scores(deep).clamp(1e-6, 1 - 1e-6)
-            loss = F.binary_cross_entropy(scores, yb.to(device))
+            loss = F.binary_cross_entropy(scores, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -524,8 +554,9 @@ class DGMP(LearnedMethod):
             val_scores, val_labels = [], []
             for i in range(0, len(val), 256):
                 xb, yb = val[i : i + 256]
-                val_scores.append(net.filter_scores(self._features(model, xb.to(device))[-1]).cpu())
-                val_labels.append(yb)
+                xb = xb.to(device)
+                val_scores.append(net.filter_scores(self._features(model, xb)[-1]).cpu())
+                val_labels.append(training_targets(self.objective, model, xb, yb.to(device))[0].cpu())
             scores = torch.cat(val_scores).clamp(1e-6, 1 - 1e-6) if val_scores else None
             val_loss = float(F.binary_cross_entropy(scores, torch.cat(val_labels))) if val_scores else math.nan
         k = min(20, done)
@@ -655,6 +686,6 @@ class DGMPCFFT(DGMPCF):
             keep = (rank[pair] < positions[point][:, None]).view(-1, 1, h, w)
             img = pair_img[pair]
             x = torch.where(keep, images[img], blurred[img])
-            q.append(torch.sigmoid(model(x).float().gather(1, pair_cls[pair][:, None])[:, 0]))
+            q.append(class_probabilities(model, model(x).float()).gather(1, pair_cls[pair][:, None])[:, 0])
         q_curve = torch.cat(q).view(b * k, p)
         return fine_tune_scores(scores, q_curve, positions).view(b, k, h, w)

@@ -255,3 +255,50 @@ def test_fine_tuned_variant_reuses_the_dgmp_cf_checkpoint(tiny):
     order = r.argsort(dim=-1, descending=True, stable=True)
     assert (torch.gather(t, -1, order).diff(dim=-1) <= 1e-6).all()
     assert torch.equal(tuned, ft.explain(model, images, classes))  # deterministic
+
+
+# -- objective: the paper's (predicted class, softmax CE) on a softmax classifier, multi-label BCE otherwise --------
+def _softmax_smallcnn() -> SmallCNN:
+    torch.manual_seed(0)
+    model = freeze(SmallCNN(C))
+    model.probabilities = "softmax"
+    return model
+
+
+def test_training_targets_follow_the_classifiers_probabilities():
+    from maskbench.methods.dgmp import training_targets
+
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([[1.0, 1, 0, 0, 0, 0]] * 4)
+    sigmoid_model = freeze(SmallCNN(C))
+    assert training_targets("auto", sigmoid_model, images, labels) == (labels, False)
+    model = _softmax_smallcnn()
+    targets, softmax = training_targets("auto", model, images, labels)
+    top = model(images).argmax(1)
+    assert softmax and torch.equal(targets, torch.nn.functional.one_hot(top, C).float())  # labels ignored
+    assert torch.equal(training_targets("multilabel", model, images, labels)[0], labels)
+    assert training_targets("predicted", sigmoid_model, images, labels)[1]
+
+
+def test_the_predicted_objective_is_the_softmax_cross_entropy_of_the_top1_class():
+    model = _softmax_smallcnn()
+    method = build_method("dgmp-cf", preset="fast")
+    net = method.build_network(C, 32, model)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    labels = torch.zeros(3, C)
+    labels[:, 5] = 1  # true labels the paper's objective must not use
+    out = method.training_loss(net, model, images, labels, torch.Generator().manual_seed(7))
+    # the same pairs and substrate by hand: one pair per image, the classifier's top-1 class
+    top = model(images).argmax(1)
+    idx = torch.arange(3)
+    m = method.masks(net, method._features(model, images), idx, top, (32, 32))[:, None]
+    a = method.substrate(images, idx, torch.Generator().manual_seed(7))
+    expected = torch.nn.functional.cross_entropy(model(images * m + a * (1 - m)), top)
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-5, atol=1e-6)
+    # the multi-label objective on the same model explains class 5 of every image with its own sigmoid
+    ml = build_method("dgmp-cf", preset="fast", objective="multilabel")
+    out_ml = ml.training_loss(net, model, images, labels, torch.Generator().manual_seed(7))
+    five = torch.full((3,), 5)
+    m5 = ml.masks(net, ml._features(model, images), idx, five, (32, 32))[:, None]
+    logit = model(images * m5 + a * (1 - m5))[:, 5]
+    torch.testing.assert_close(out_ml["loss"], torch.nn.functional.softplus(-logit).mean(), rtol=1e-5, atol=1e-6)
