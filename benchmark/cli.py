@@ -74,6 +74,10 @@ def _add_run_args(b: argparse.ArgumentParser, d: RunConfig) -> None:
     b.add_argument("--cache", dest="cache_dir", default=None, help="cache dir (default $MASKBENCH_CACHE or "
                    "~/.cache/maskbench): data, checkpoints, masks")
     b.add_argument("--checkpoint", default=None, help="use this classifier checkpoint instead of training one")
+    b.add_argument("--classifier-param", action="append", type=_param, default=[], metavar="KEY=VALUE",
+                   help="override the classifier's training recipe (epochs=2, lr=1e-4, batch_size=8, ...) or "
+                   "build it without ImageNet weights (pretrained_backbone=False: a code-path check, its numbers "
+                   "mean nothing); repeatable, part of the classifier's cache key and the run's folder name")
     b.add_argument("--train-classifier", action="store_true",
                    help="train a new classifier even where the shipped or a cached one fits the data")
     b.add_argument("--threads", default=d.threads,
@@ -88,7 +92,8 @@ def _config(args: argparse.Namespace, **extra: object) -> RunConfig:
         dataset=args.dataset, model=args.model, methods=args.methods, device=args.device, seed=args.seed,
         preset=args.preset, method_params=dict(args.param), data_root=args.data_root, image_size=args.image_size,
         cache_dir=args.cache_dir, plugins=args.plugin, checkpoint=args.checkpoint, progress=args.progress,
-        train_classifier=args.train_classifier, threads=args.threads, **extra,
+        train_classifier=args.train_classifier, threads=args.threads,
+        classifier_params=dict(args.classifier_param), **extra,
     )
 
 

@@ -73,6 +73,7 @@ class RunConfig:
     checkpoint: str | None = None
     table_classes: list[str] | str | None = None  # None: the data set's default
     method_params: dict[str, Any] = field(default_factory=dict)  # hyperparameter overrides for every method
+    classifier_params: dict[str, Any] = field(default_factory=dict)  # recipe / build overrides of the classifier
     resume: bool = True
     progress: bool = True
     run_name: str | None = None  # the results folder <results>/<dataset>/<run_name>; None: named after the run
@@ -117,6 +118,8 @@ class RunConfig:
             parts.append("ckpt-" + sha[:8])
         elif self.train_classifier:
             parts.append("retrained")
+        if self.classifier_params:
+            parts.append("clf-" + stable_hash(self.classifier_params, 6))
         params = self.mask_params()
         if params:
             parts.append("params-" + stable_hash(params, 6))

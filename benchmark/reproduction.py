@@ -69,13 +69,33 @@ def reproduction(setting: str, computed: dict[str, pd.DataFrame], class_table: p
     return pd.DataFrame.from_records(recs, columns=COLUMNS)
 
 
-def _markdown(table: pd.DataFrame, setting: str, preset: str) -> str:
+def departures(run_config: dict) -> list[str]:
+    """What in a run's configuration (its manifest ``config``) departs from the published runs, beyond the
+    preset: a subset of the images, another image size or split, hyperparameter or classifier overrides."""
+    out = []
+    if run_config.get("limit"):
+        out.append(f"only the first {run_config['limit']} images (--limit)")
+    if run_config.get("image_size") not in (None, 224):
+        out.append(f"images at {run_config['image_size']} px (the papers: 224)")
+    if run_config.get("split", "test") != "test":
+        out.append(f"split {run_config['split']}")
+    if run_config.get("method_params"):
+        out.append("method overrides " + ", ".join(f"{k}={v}" for k, v in run_config["method_params"].items()))
+    if run_config.get("classifier_params"):
+        out.append("classifier overrides " + ", ".join(f"{k}={v}" for k, v in run_config["classifier_params"].items()))
+    return out
+
+
+def _markdown(table: pd.DataFrame, setting: str, preset: str, differs: list[str] | None = None) -> str:
     run = f"preset `{preset}`" + ("" if preset == "paper" else " (the published runs are the `paper` preset: the "
                                                                "values below are not a reproduction)")
     done = table.dropna(subset=["measured"])
     lines = [f"# Published values beside ours: {setting}", "",
              f"Run: {setting}, {run}. {len(done)} of {len(table)} published cells computed; "
              f"{int(done['inside'].eq(True).sum())} of them inside our 95% bootstrap interval.", ""]
+    if differs:
+        lines += ["**Not the published run**, so the values below are no reproduction: " + "; ".join(differs) + ".",
+                  ""]
     for (source, paper_table), sub in table.groupby(["source", "paper_table"], sort=False):
         lines += [f"## {source}, {paper_table}", "",
                   "| method | statistic | published | ours | 95% CI | difference | inside |",
@@ -93,10 +113,11 @@ def _markdown(table: pd.DataFrame, setting: str, preset: str) -> str:
 
 
 def write_reproduction(run_dir: Path, setting: str, preset: str, computed: dict[str, pd.DataFrame],
-                       class_table: pd.DataFrame | None) -> list[Path]:
-    """``reproduction.csv`` / ``.md`` when ``setting`` has published values; nothing otherwise."""
+                       class_table: pd.DataFrame | None, differs: list[str] | None = None) -> list[Path]:
+    """``reproduction.csv`` / ``.md`` when ``setting`` has published values; nothing otherwise. ``differs``: what
+    the run changes from the published one (:func:`departures`), said at the top of the report."""
     table = reproduction(setting, computed, class_table)
     if table.empty:
         return []
     return [atomic_write(run_dir / "reproduction.csv", csv_text(table)),
-            atomic_write(run_dir / "reproduction.md", _markdown(table, setting, preset))]
+            atomic_write(run_dir / "reproduction.md", _markdown(table, setting, preset, differs))]

@@ -435,12 +435,13 @@ def prepare(config: RunConfig) -> _Session:
     image_ids = test.image_ids[: config.limit] if config.limit else list(test.image_ids)
     extra = _class_indices(config.resolved_table_classes(), test.classes)
     if data_meta.get("classifier") == "imagenet" and config.checkpoint is None:
-        model, clf_info = imagenet_classifier(config.model, device)  # torchvision's own, no training
+        # torchvision's own, no training
+        model, clf_info = imagenet_classifier(config.model, device, config.classifier_params, config.seed)
     else:
         train_key = datasets("train").fingerprint() if config.checkpoint is None else "external"
         model, clf_info = get_classifier(
             config.model, datasets, train_key, test.num_classes, device, cache, config.checkpoint,
-            config.progress, train_new=config.train_classifier,
+            config.progress, train_new=config.train_classifier, params=config.classifier_params,
         )
     data_key, clf_sha = test.fingerprint(), clf_info["checkpoint_sha256"]
     identity = run_identity(config, data_key, image_ids, extra, clf_sha,
@@ -472,6 +473,7 @@ def run_identity(config: RunConfig, data_key: str, image_ids: list[str], table_c
         "image_ids_sha": stable_hash(image_ids), "image_size": image_size, "classifier": config.model,
         "classifier_sha256": classifier_sha256, "preset": config.preset, "table_classes": table_classes,
         "method_params": config.method_params, "seed": config.seed,
+        **({"classifier_params": config.classifier_params} if config.classifier_params else {}),
     }
     return json.loads(json.dumps(identity, sort_keys=True, default=str))  # as read back from run.json
 

@@ -33,7 +33,7 @@ from maskbench.core.store import COMPLETE, RowStore, StoredDataError
 from maskbench.methods.deviations import deviations
 from maskbench.metrics import METRICS, MetricSpec, TableInputs, TableSpec, table_specs, value_range
 
-from .reproduction import write_reproduction
+from .reproduction import departures, write_reproduction
 from .runs import read_run
 
 FAMILY_ORDER = ["classifier", "reference", "gradient", "perturbation", "learned", "plugin", ""]
@@ -278,7 +278,7 @@ def write_tables(run_dir: Path, *, resamples: int = RESAMPLES, seed: int = SEED,
         class_file = run_dir / "class_table.csv"
         classes = pd.read_csv(class_file) if class_file.is_file() and class_file in written else None
         written += write_reproduction(run_dir, f"{run_config['model']}-{run_config['dataset']}",
-                                      run_config.get("preset", ""), computed, classes)
+                                      run_config.get("preset", ""), computed, classes, departures(run_config))
     return written
 
 

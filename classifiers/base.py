@@ -21,7 +21,8 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from torch import nn
 
 from maskbench.core.checkpoints import CheckpointError, save_checkpoint
 from maskbench.core.checkpoints import load_checkpoint as load_state
-from maskbench.core.errors import MaskbenchError
+from maskbench.core.errors import MaskbenchError, UnknownNameError
 from maskbench.core.ranking import average_precision
 from maskbench.core.registry import Registry
 from maskbench.core.storage import file_sha256, read_json, stable_hash, write_json
@@ -320,6 +321,29 @@ def train_classifier(
     }
 
 
+BUILD_OPTIONS = ("pretrained_backbone",)  # --classifier-param keys that change how the network is built
+
+
+def classifier_settings(name: str, params: dict[str, Any] | None) -> tuple[TrainRecipe, dict[str, Any]]:
+    """``name``'s training recipe and build options with the ``--classifier-param`` overrides applied.
+
+    Keys are :class:`TrainRecipe` fields (``epochs``, ``lr``, ...) or :data:`BUILD_OPTIONS` (``pretrained_backbone``:
+    False builds a torchvision classifier from random weights, e.g. to exercise the code paths offline); anything
+    else is an error listing the valid keys.
+    """
+    spec: ClassifierSpec = CLASSIFIERS.get(name)
+    recipe_fields = [f.name for f in dataclass_fields(TrainRecipe)]
+    params = dict(params or {})
+    unknown = [k for k in params if k not in recipe_fields and k not in BUILD_OPTIONS]
+    if unknown:
+        raise UnknownNameError("--classifier-param key", unknown[0], [*recipe_fields, *BUILD_OPTIONS])
+    build = {k: v for k, v in params.items() if k in BUILD_OPTIONS}
+    if build and name == "smallcnn":
+        raise MaskbenchError(f"--classifier-param {', '.join(build)}: smallcnn is always trained from scratch.")
+    recipe = replace(spec.recipe, **{k: v for k, v in params.items() if k in recipe_fields})
+    return recipe, build
+
+
 def build_classifier(name: str, num_classes: int, **options: Any) -> Classifier:
     spec: ClassifierSpec = CLASSIFIERS.get(name)
     return spec.build(num_classes, **{**spec.options, **options})
@@ -342,12 +366,26 @@ def load_checkpoint(model: nn.Module, path: str | Path, device: torch.device) ->
         raise MaskbenchError(f"Checkpoint {path} does not fit this model: {exc}") from None
 
 
-def imagenet_classifier(name: str, device: torch.device) -> tuple[Classifier, dict[str, Any]]:
+def imagenet_classifier(name: str, device: torch.device, params: dict[str, Any] | None = None,
+                        seed: int = 0) -> tuple[Classifier, dict[str, Any]]:
     """torchvision's own ImageNet ``vgg16`` / ``resnet50`` (no fine-tuning, softmax), frozen, with its manifest
-    entry (weights name and file, the file's SHA-256)."""
+    entry (weights name and file, the file's SHA-256). ``params``: the run's ``--classifier-param``; only
+    ``pretrained_backbone=False`` applies (random weights drawn with ``seed``: a code-path check, nothing more)."""
     if name not in IMAGENET_WEIGHTS:
         raise MaskbenchError(f"Classifier '{name}' has no ImageNet weights; on ImageNet use one of "
                              f"{', '.join(IMAGENET_WEIGHTS)} (torchvision's weights), or pass --checkpoint.")
+    _, build = classifier_settings(name, params)
+    recipe_only = sorted(set(params or {}) - set(build))
+    if recipe_only:
+        raise MaskbenchError(f"--classifier-param {', '.join(recipe_only)}: the ImageNet classifiers are "
+                             f"torchvision's, not trained by maskbench.")
+    if not build.get("pretrained_backbone", True):
+        torch.manual_seed(seed)
+        model = TorchvisionClassifier(name, 1000, pretrained_backbone=False, imagenet_head=True).to(device)
+        info = {"model": name, "weights": f"none: random initialisation (seed {seed})", "checkpoint": None,
+                "checkpoint_sha256": f"random-{name}-seed{seed}", "trained_here": False, "fine_tuned": False,
+                "probabilities": "softmax"}
+        return freeze(model), info
     model = TorchvisionClassifier(name, 1000, imagenet_head=True).to(device)
     path = weights_file(name)
     info = {"model": name, "weights": IMAGENET_WEIGHTS[name], "checkpoint": str(path),
@@ -366,6 +404,7 @@ def get_classifier(
     checkpoint: str | Path | None = None,
     progress: bool = True,
     train_new: bool = False,
+    params: dict[str, Any] | None = None,
 ) -> tuple[Classifier, dict[str, Any]]:
     """Return the frozen classifier for a data set, training and caching it if needed.
 
@@ -373,15 +412,19 @@ def get_classifier(
     cache. A checkpoint shipped with maskbench (:data:`SHIPPED_DIR`) whose key fits is used first, so every
     machine explains the same classifier; ``train_new`` skips it and uses one trained on this machine (cached).
     The returned info (checkpoint path and hash, test mAP, training time) goes into the run manifest.
+    ``params``: ``--classifier-param`` overrides of the recipe and build options (:func:`classifier_settings`),
+    part of the cache key.
     """
     spec: ClassifierSpec = CLASSIFIERS.get(name)
-    info: dict[str, Any] = {"model": name, "recipe": asdict(spec.recipe)}
+    recipe, build = classifier_settings(name, params)
+    info: dict[str, Any] = {"model": name, "recipe": asdict(recipe), **({"build": build} if build else {})}
     if checkpoint is not None:
         model = spec.build(num_classes, **({"pretrained_backbone": False} if name != "smallcnn" else {}))
         load_checkpoint(model, checkpoint, device)
         info.update(checkpoint=str(checkpoint), checkpoint_sha256=file_sha256(checkpoint), trained_here=False)
     else:
-        key = stable_hash({"model": name, "recipe": asdict(spec.recipe), "data": dataset_key, "v": 1})
+        key = stable_hash({"model": name, "recipe": asdict(recipe), "data": dataset_key, "v": 1,
+                           **({"build": build} if build else {})})
         path = cache_dir / "classifiers" / f"{name}-{key}.pt"
         shipped = SHIPPED_DIR / path.name
         if not train_new and shipped.is_file() and shipped.with_suffix(".json").is_file():
@@ -404,8 +447,8 @@ def get_classifier(
                 info["trained_here"] = False
                 info["shipped"] = path.parent == SHIPPED_DIR
         if model is None:
-            model = spec.build(num_classes)
-            train_info = train_classifier(model, datasets("train"), datasets("val"), spec.recipe, device, progress)
+            model = spec.build(num_classes, **build)
+            train_info = train_classifier(model, datasets("train"), datasets("val"), recipe, device, progress)
             test = datasets("test")
             x_test, y_test = stack_split(test)
             freeze(model)

@@ -102,3 +102,16 @@ def test_deviating_methods_are_named_in_the_captions_and_listed(tmp_path):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 assert "deviations" not in (node.module or "") and all(a.name != "deviations" for a in node.names), path
+
+
+def test_a_run_that_is_not_the_published_one_says_so_at_the_top_of_the_report():
+    from maskbench.benchmark.reproduction import _markdown, departures, reproduction
+
+    assert departures({"limit": None, "image_size": 224, "split": "test", "method_params": {}}) == []
+    differs = departures({"limit": 2, "image_size": 64, "split": "test", "method_params": {"rise.num_masks": 8},
+                          "classifier_params": {"pretrained_backbone": False}})
+    assert differs == ["only the first 2 images (--limit)", "images at 64 px (the papers: 224)",
+                       "method overrides rise.num_masks=8", "classifier overrides pretrained_backbone=False"]
+    table = reproduction("vgg16-voc", {}, None)
+    assert "**Not the published run**" in _markdown(table, "vgg16-voc", "paper", differs)
+    assert "Not the published run" not in _markdown(table, "vgg16-voc", "paper", [])
