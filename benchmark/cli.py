@@ -9,6 +9,7 @@
     maskbench datasets | models                    list the other registries
     maskbench generate-synthetic --out DIR         write the synthetic data set (VOC + COCO formats)
     maskbench download voc|coco [--root DIR]       fetch, verify and extract the official archives (resumable)
+    maskbench paper-smoke [--out DIR]              the papers' settings end to end on data written here
 
 Errors that come from bad input print one line naming the culprit (and the valid choices) and exit with 2.
 """
@@ -196,6 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--skip-checksum", action="store_true", help="do not verify the archives (said in the record)")
     d.add_argument("--no-progress", dest="progress", action="store_false")
 
+    ps = sub.add_parser("paper-smoke", help="drive the papers' settings end to end on data written here (VOC, COCO, "
+                        "ImageNet formats via the download code; every method at its paper preset, capped): its "
+                        "numbers mean nothing (make paper-smoke)")
+    ps.add_argument("--out", default=None, help="work folder for the trees, archives, cache and results (default: a "
+                    "new temporary folder, kept and printed)")
+    ps.add_argument("--limit", type=int, default=None, help="images per setting (default: 1 for VGG-16 on VOC, 2 "
+                    "for the ResNet-50 settings)")
+    ps.add_argument("--image-size", type=int, default=64,
+                    help="run size; the trees are 224 px (default: %(default)s)")
+    ps.add_argument("--no-progress", dest="progress", action="store_false")
+
     g = sub.add_parser("generate-synthetic", help="write the synthetic data set in VOC and COCO formats")
     g.add_argument("--out", required=True)
     g.add_argument("--n-train", type=int, default=4800)
@@ -364,6 +376,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_paper_smoke(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .smoke import run_smoke
+
+    work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="maskbench-paper-smoke-"))
+    work.mkdir(parents=True, exist_ok=True)
+    result = run_smoke(work, work / "results", limit=args.limit, image_size=args.image_size, progress=args.progress)
+    failed = {name: r.failed for name, r in result.runs.items() if r.failed}
+    print(f"paper-smoke: {len(result.runs)} settings in {result.seconds['total']:.0f} s ({result.seconds}); tables "
+          f"and reproduction reports under {work / 'results'} (their numbers mean nothing: see SMOKE.md)")
+    if failed:
+        print(f"paper-smoke: FAILED (method, image) pairs: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_perf(args: argparse.Namespace) -> int:
     from .perf import PerfConfig, run_perf
 
@@ -407,6 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_download(args)
         if args.command == "perf":
             return _cmd_perf(args)
+        if args.command == "paper-smoke":
+            return _cmd_paper_smoke(args)
     except MaskbenchError as exc:
         print(f"maskbench: error: {exc}", file=sys.stderr)
         return 2

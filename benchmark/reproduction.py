@@ -74,7 +74,7 @@ def departures(run_config: dict) -> list[str]:
     preset: a subset of the images, another image size or split, hyperparameter or classifier overrides."""
     out = []
     if run_config.get("limit"):
-        out.append(f"only the first {run_config['limit']} images (--limit)")
+        out.append(f"only {run_config['limit']} image(s) (--limit)")
     if run_config.get("image_size") not in (None, 224):
         out.append(f"images at {run_config['image_size']} px (the papers: 224)")
     if run_config.get("split", "test") != "test":

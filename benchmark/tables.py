@@ -231,7 +231,10 @@ def write_tables(run_dir: Path, *, resamples: int = RESAMPLES, seed: int = SEED,
         extra = {h: {r.method: str(getattr(r, col)) for r in diag.itertuples()} for h, col in spec.extra.items()}
         note = spec.caption_note(data_info) if spec.caption_note is not None else ""
         after = f" After {spec.paper}." if spec.paper else ""
-        caption = f"{spec.caption}{note} Run: {where}.{after} {_deviation_note(methods, labels)}{ci_note}{mark_note}"
+        na_note = ("--: not available (undefined on this run: e.g. no segmentation ground truth, or a ratio 0/0; "
+                   "never 0). " if "value" in table and table["value"].isna().any() else "")
+        caption = (f"{spec.caption}{note} Run: {where}.{after} {_deviation_note(methods, labels)}{ci_note}{mark_note}"
+                   f"{na_note}")
         written.append(atomic_write(run_dir / f"{spec.name}.csv", csv_text(_long(table, spec.name, all_metas))))
         written.append(atomic_write(run_dir / f"{spec.name}.tex", statistics_latex(
             table, methods, labels, families, caption, f"tab:{spec.name}-{dataset}-{model}", ci=ci, extra=extra)))

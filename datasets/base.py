@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -147,6 +148,62 @@ def collate(samples: Sequence[Sample]) -> Batch:
         box_labels=[s.box_labels for s in samples],
         box_difficult=[s.box_difficult for s in samples],
     )
+
+
+# -- box rasters: the regions of a batch's boxes, for the box metrics and the box ground truth ----------------
+def all_classes(batch: Batch) -> Tensor:
+    """(B, C) long: every class index for every image of ``batch``."""
+    b, c = batch.labels.shape
+    return torch.arange(c, device=batch.labels.device).expand(b, c)
+
+
+def _pixel_span(lo: float, hi: float, size: int) -> tuple[int, int]:
+    """Pixels k (a slice [start, stop)) whose centre k + 0.5 lies in the closed interval [lo, hi]."""
+    return max(0, math.ceil(lo - 0.5)), min(size, math.floor(hi - 0.5) + 1)
+
+
+def box_stats(batch: Batch, classes: Tensor, h: int, w: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Box union (B, K, H, W) bool, number of boxes and of difficult boxes (B, K) of each requested class.
+
+    Boxes are ``[x0, y0, x1, y1]`` in pixel-edge coordinates of the returned image; a box covers pixel (i, j) iff
+    the pixel centre (j + 0.5, i + 0.5) lies in the closed box. A class's region is the union of all its boxes,
+    difficult ones included (as TorchRay's ``voc_as_mask``).
+
+    One host read of each image's boxes, then one slice fill per box on the device (no per-pixel work in Python).
+    """
+    b, k = classes.shape
+    dev = classes.device
+    slots_of = classes.tolist()
+    union = torch.zeros(b, k, h, w, dtype=torch.bool, device=dev)
+    n_boxes = [[0] * k for _ in range(b)]
+    n_difficult = [[0] * k for _ in range(b)]
+    for i in range(b):
+        boxes = batch.boxes[i].reshape(-1, 4).tolist()
+        labels = batch.box_labels[i].tolist()
+        difficult = batch.box_difficult[i].tolist()
+        for (x0, y0, x1, y1), label, diff in zip(boxes, labels, difficult, strict=True):
+            slots = [j for j, c in enumerate(slots_of[i]) if c == label]
+            if not slots:
+                continue
+            for j in slots:
+                n_boxes[i][j] += 1
+                n_difficult[i][j] += bool(diff)
+            (c0, c1), (r0, r1) = _pixel_span(x0, x1, w), _pixel_span(y0, y1, h)
+            if c1 > c0 and r1 > r0:
+                for j in slots:
+                    union[i, j, r0:r1, c0:c1] = True
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=dev).view(b, k)  # noqa: E731
+    return union, as_tensor(n_boxes), as_tensor(n_difficult)
+
+
+def box_union_masks(batch: Batch, h: int, w: int, classes: Tensor | None = None) -> Tensor:
+    """(B, C, H, W) bool: union of each class's boxes (all boxes, difficult ones included) on an H x W grid.
+
+    With ``classes`` (B, K) long, only those classes: (B, K, H, W), slot by slot.
+    """
+    classes = all_classes(batch) if classes is None else classes
+    return box_stats(batch, classes, h, w)[0]
+
 
 
 def stack_split(dataset: Any) -> tuple[Tensor, Tensor]:

@@ -93,8 +93,11 @@ def source(dataset: str) -> Source:
 
 def default_root(dataset: str) -> Path:
     """Where ``maskbench download <dataset>`` puts the data by default, and where the loaders look when no
-    root is given and ``$MASKBENCH_<DATASET>_ROOT`` is unset: ``<cache>/data/<dataset>``."""
-    return cache_root() / "data" / dataset
+    root is given and ``$MASKBENCH_<DATASET>_ROOT`` is unset: ``<cache>/data/<dataset>``, in the run's cache
+    (``--cache``, see :func:`~maskbench.datasets.digests.memo_dir`; else ``$MASKBENCH_CACHE`` or the default)."""
+    from .digests import memo_dir
+
+    return memo_dir() / "data" / dataset
 
 
 def how_to_download(dataset: str, root: str | os.PathLike[str] | None = None) -> str:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from maskbench.core.errors import MethodError
 from maskbench.core.images import generator, image_class_seed
+from maskbench.datasets.base import box_union_masks
 
 from .base import AttributionMethod, check_range, register_method
 
@@ -65,7 +66,8 @@ class GroundTruth(AttributionMethod):
     """The oracle: the ground-truth segmentation of each requested class (1 inside, 0 outside).
 
     Pixels of the ignore region (VOC's boundary band) are 0 here; every mask metric excludes them anyway.
-    Requires segmentation ground truth for every image it is asked about.
+    An image without segmentation (ImageNet, which has boxes only) gets the union of the class's boxes instead,
+    the region its box metrics (M_I, the pointing game) score against; an image with neither is an error.
     """
 
     label = "G.T."
@@ -75,11 +77,18 @@ class GroundTruth(AttributionMethod):
     def explain(self, model: nn.Module, images: Tensor, classes: Tensor, *, batch=None) -> Tensor:
         if batch is None:
             raise MethodError("ground-truth needs the batch's annotations (batch=...)")
-        if not bool(batch.has_seg.all()):
-            missing = [i for i, ok in zip(batch.image_ids, batch.has_seg.tolist(), strict=True) if not ok]
-            raise MethodError(f"ground-truth: no segmentation for image(s) {missing[:5]}")
-        idx = classes[:, :, None, None].expand(-1, -1, *batch.class_masks.shape[-2:])
-        return torch.gather(batch.class_masks.to(images.device), 1, idx).to(images.dtype)
+        has_seg = batch.has_seg.tolist()
+        no_gt = [i for i, seg, boxes in zip(batch.image_ids, has_seg, batch.boxes, strict=True)
+                 if not seg and boxes.numel() == 0]
+        if no_gt:
+            raise MethodError(f"ground-truth: no segmentation and no boxes for image(s) {no_gt[:5]}")
+        h, w = images.shape[-2:]
+        out = box_union_masks(batch, h, w, classes.cpu()).to(images.device, images.dtype)
+        if any(has_seg):
+            idx = classes[:, :, None, None].expand(-1, -1, *batch.class_masks.shape[-2:])
+            seg = torch.gather(batch.class_masks.to(images.device), 1, idx.to(images.device)).to(images.dtype)
+            out = torch.where(batch.has_seg.to(images.device)[:, None, None, None], seg, out)
+        return out
 
 
 @register_method("centre-gaussian")

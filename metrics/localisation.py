@@ -89,6 +89,7 @@ from torch import Tensor
 from maskbench.core.ranking import average_precision
 from maskbench.core.render import csv_text
 from maskbench.core.stats import class_mean
+from maskbench.datasets.base import all_classes, box_stats, box_union_masks
 
 from .base import (
     MetricInputs,
@@ -110,59 +111,10 @@ def tolerance_pixels(h: int) -> float:
     return TOLERANCE_224 * h / 224
 
 
-def _all_classes(batch) -> Tensor:
-    b, c = batch.labels.shape
-    return torch.arange(c, device=batch.labels.device).expand(b, c)
-
-
-def _pixel_span(lo: float, hi: float, size: int) -> tuple[int, int]:
-    """Pixels k (a slice [start, stop)) whose centre k + 0.5 lies in the closed interval [lo, hi]."""
-    return max(0, math.ceil(lo - 0.5)), min(size, math.floor(hi - 0.5) + 1)
-
-
-def _box_stats(batch, classes: Tensor, h: int, w: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Box union (B, K, H, W) bool, number of boxes and of difficult boxes (B, K) of each requested class.
-
-    One host read of each image's boxes, then one slice fill per box on the device (no per-pixel work in Python).
-    """
-    b, k = classes.shape
-    dev = classes.device
-    slots_of = classes.tolist()
-    union = torch.zeros(b, k, h, w, dtype=torch.bool, device=dev)
-    n_boxes = [[0] * k for _ in range(b)]
-    n_difficult = [[0] * k for _ in range(b)]
-    for i in range(b):
-        boxes = batch.boxes[i].reshape(-1, 4).tolist()
-        labels = batch.box_labels[i].tolist()
-        difficult = batch.box_difficult[i].tolist()
-        for (x0, y0, x1, y1), label, diff in zip(boxes, labels, difficult, strict=True):
-            slots = [j for j, c in enumerate(slots_of[i]) if c == label]
-            if not slots:
-                continue
-            for j in slots:
-                n_boxes[i][j] += 1
-                n_difficult[i][j] += bool(diff)
-            (c0, c1), (r0, r1) = _pixel_span(x0, x1, w), _pixel_span(y0, y1, h)
-            if c1 > c0 and r1 > r0:
-                for j in slots:
-                    union[i, j, r0:r1, c0:c1] = True
-    as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=dev).view(b, k)  # noqa: E731
-    return union, as_tensor(n_boxes), as_tensor(n_difficult)
-
-
-def box_union_masks(batch, h: int, w: int, classes: Tensor | None = None) -> Tensor:
-    """(B, C, H, W) bool: union of each class's boxes (all boxes, difficult ones included) on an H x W grid.
-
-    With ``classes`` (B, K) long, only those classes: (B, K, H, W), slot by slot.
-    """
-    classes = _all_classes(batch) if classes is None else classes
-    return _box_stats(batch, classes, h, w)[0]
-
-
 def all_boxes_difficult(batch, classes: Tensor | None = None) -> Tensor:
     """(B, C) bool (or (B, K) for ``classes``): the class has boxes and every one is flagged difficult."""
-    classes = _all_classes(batch) if classes is None else classes
-    _, n_boxes, n_difficult = _box_stats(batch, classes, 0, 0)
+    classes = all_classes(batch) if classes is None else classes
+    _, n_boxes, n_difficult = box_stats(batch, classes, 0, 0)
     return (n_boxes > 0) & (n_difficult == n_boxes)
 
 
@@ -183,9 +135,9 @@ def pointing_ground_truth(batch, classes: Tensor | None = None) -> Tensor:
 
     With ``classes`` (B, K) long, only those classes: (B, K, H, W).
     """
-    classes = _all_classes(batch) if classes is None else classes
+    classes = all_classes(batch) if classes is None else classes
     h, w = batch.class_masks.shape[-2:]
-    return _pointing_gt(batch, classes, _box_stats(batch, classes, h, w)[0])
+    return _pointing_gt(batch, classes, box_stats(batch, classes, h, w)[0])
 
 
 def _pointing_gt(batch, classes: Tensor, boxes: Tensor) -> Tensor:
@@ -223,9 +175,9 @@ def difficult_pairs(batch, classes: Tensor | None = None) -> Tensor:
     The class is a positive label of the image, covers less than 1/4 of it (union of its boxes; its mask if it
     has no box) and the image has at least one other positive label.
     """
-    classes = _all_classes(batch) if classes is None else classes
+    classes = all_classes(batch) if classes is None else classes
     h, w = batch.class_masks.shape[-2:]
-    union, n_boxes, _ = _box_stats(batch, classes, h, w)
+    union, n_boxes, _ = box_stats(batch, classes, h, w)
     return _difficult(batch, classes, union, n_boxes)
 
 
@@ -294,7 +246,7 @@ def pointing_game(inputs: MetricInputs) -> dict[str, Tensor]:
     slots = true_class_slots(classes, batch.labels.to(dev))
     if tuple(batch.class_masks.shape[-2:]) != (h, w):
         raise ValueError(f"Maps are {h}x{w} but the ground truth is {tuple(batch.class_masks.shape[-2:])}.")
-    union, n_boxes, n_difficult = _box_stats(batch, classes, h, w)
+    union, n_boxes, n_difficult = box_stats(batch, classes, h, w)
     gt = _pointing_gt(batch, classes, union)
     all_diff = (n_boxes > 0) & (n_difficult == n_boxes)
     has_gt = gt.flatten(2).any(2)

@@ -110,7 +110,7 @@ def test_a_run_that_is_not_the_published_one_says_so_at_the_top_of_the_report():
     assert departures({"limit": None, "image_size": 224, "split": "test", "method_params": {}}) == []
     differs = departures({"limit": 2, "image_size": 64, "split": "test", "method_params": {"rise.num_masks": 8},
                           "classifier_params": {"pretrained_backbone": False}})
-    assert differs == ["only the first 2 images (--limit)", "images at 64 px (the papers: 224)",
+    assert differs == ["only 2 image(s) (--limit)", "images at 64 px (the papers: 224)",
                        "method overrides rise.num_masks=8", "classifier overrides pretrained_backbone=False"]
     table = reproduction("vgg16-voc", {}, None)
     assert "**Not the published run**" in _markdown(table, "vgg16-voc", "paper", differs)
