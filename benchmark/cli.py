@@ -60,7 +60,7 @@ def _add_run_args(b: argparse.ArgumentParser, d: RunConfig) -> None:
     b.add_argument("--dataset", default=d.dataset, help="registered data set (see `maskbench datasets`)")
     b.add_argument("--model", default=None,
                    help="registered classifier (see `maskbench models`); default: smallcnn for synthetic, "
-                   "vgg16 for voc/coco")
+                   "vgg16 for voc/coco, resnet50 for imagenet")
     b.add_argument("--device", default=d.device, help="auto (CUDA if present), cpu, cuda, cuda:N")
     b.add_argument("--seed", type=int, default=d.seed)
     b.add_argument("--preset", default=d.preset, choices=PRESETS,
@@ -176,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--cache", dest="cache_dir", default=None)
     pf.add_argument("--out", default="results/perf")
     pf.add_argument("--no-progress", dest="progress", action="store_false")
+
+    pj = sub.add_parser("project", help="projected GPU hours of each published setting and method, from the passes "
+                        "`make perf` counted and the papers' GPU (results/perf/projection.csv; a projection)")
+    pj.add_argument("--out", default="results/perf", help="folder holding methods.csv (default: %(default)s)")
 
     th = sub.add_parser("perf-threads", help="time a slice of the default run with 1 and 2 threads, alone and "
                         "beside a busy torch process (results/perf/threads.csv)")
@@ -438,6 +442,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_perf(args)
         if args.command == "paper-smoke":
             return _cmd_paper_smoke(args)
+        if args.command == "project":
+            from .projection import write_projection
+
+            print(write_projection(Path(args.out)).read_text())
+            return 0
     except MaskbenchError as exc:
         print(f"maskbench: error: {exc}", file=sys.stderr)
         return 2

@@ -43,7 +43,8 @@ DEFAULT_METHODS = [
 PRESETS = ("fast", "paper")
 
 # The classifier explained by default on each data set.
-DEFAULT_MODELS = {"synthetic": "smallcnn", "synthetic-coco": "smallcnn", "voc": "vgg16", "coco": "vgg16"}
+DEFAULT_MODELS = {"synthetic": "smallcnn", "synthetic-coco": "smallcnn", "voc": "vgg16", "coco": "vgg16",
+                  "imagenet": "resnet50"}
 
 # Classes every image is explained for besides its own (the class-specific masking table's targets).
 DEFAULT_TABLE_CLASSES: dict[str, list[str] | str] = {
@@ -51,6 +52,7 @@ DEFAULT_TABLE_CLASSES: dict[str, list[str] | str] = {
     "synthetic-coco": "all",
     "voc": ["bottle", "car", "cat", "dog", "person"],
     "coco": ["bottle", "car", "cat", "dog", "person"],
+    "imagenet": [],  # single-label: each image is explained for its class (the distribution-guided paper)
 }
 
 

@@ -5,65 +5,23 @@ official URLs: only the base URL and the checksums differ)."""
 from __future__ import annotations
 
 import hashlib
-import http.server
-import io
 import json
 import shutil
-import tarfile
-import threading
-import zipfile
 from pathlib import Path
 
 import pytest
 
 from maskbench.benchmark.cli import main
+from maskbench.benchmark.smoke import archive_server, md5sums, voc_archives, zip_bytes
 from maskbench.core.errors import DataError
 from maskbench.datasets import SYNTHETIC_CLASSES, build_dataset, generate_synthetic
 from maskbench.datasets import download as dl
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves ``server.files`` with HTTP Range support; ``server.drop[name] = n`` cuts the next response of
-    ``name`` after ``n`` bytes (a killed download); every request is logged as (name, Range header)."""
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        name = self.path.lstrip("/")
-        data = self.server.files.get(name)
-        rng = self.headers.get("Range")
-        self.server.log.append((name, rng))
-        if data is None:
-            self.send_error(404)
-            return
-        start = int(rng.split("=")[1].split("-")[0]) if rng else 0
-        if start >= len(data):
-            self.send_response(416)
-            self.end_headers()
-            return
-        body = data[start:]
-        self.send_response(206 if rng else 200)
-        self.send_header("Content-Length", str(len(body)))
-        if rng:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.end_headers()
-        cut = self.server.drop.pop(name, None)
-        self.wfile.write(body if cut is None else body[:cut])
-        if cut is not None:
-            self.close_connection = True
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture()
 def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.files, srv.drop, srv.log = {}, {}, []
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with archive_server() as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -72,58 +30,23 @@ def synthetic(tmp_path_factory) -> Path:
                               image_size=32, seed=3)
 
 
-def _tar(members: dict[str, Path]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as t:
-        for arcname, path in sorted(members.items()):
-            t.add(path, arcname=arcname)
-    return buf.getvalue()
-
-
-def voc_archives(root: Path) -> dict[str, bytes]:
-    """The synthetic VOC tree split as the official archives are: the test images and lists in the test tar,
-    the rest in the trainval tar, both rooted at ``VOCdevkit/VOC2007``."""
-    voc = root / "VOCdevkit" / "VOC2007"
-    test_ids = set((voc / "ImageSets" / "Main" / "test.txt").read_text().split())
-    trainval, test = {}, {}
-    for path in voc.rglob("*"):
-        if path.is_dir():
-            continue
-        rel = path.relative_to(root).as_posix()
-        is_test = path.stem in test_ids or path.name == "test.txt"
-        (test if is_test else trainval)[rel] = path
-    return {"VOCtrainval_06-Nov-2007.tar": _tar(trainval), "VOCtest_06-Nov-2007.tar": _tar(test)}
-
-
-def _zip(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for name, data in sorted(members.items()):
-            z.writestr(name, data)
-    return buf.getvalue()
-
-
 def coco_archives(root: Path) -> dict[str, bytes]:
-    """The synthetic COCO annotations and images as the three official COCO-2014 zips."""
+    """The synthetic COCO annotations and images (synthetic layout) as the three official COCO-2014 zips."""
     images = root / "VOCdevkit" / "VOC2007" / "JPEGImages"
     out, ann = {}, {}
     for split, official in (("train", "train2014"), ("val", "val2014")):
         data = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
         ann[f"annotations/instances_{official}.json"] = json.dumps(data).encode()
-        out[f"{official}.zip"] = _zip({f"{official}/{im['file_name']}": (images / im["file_name"]).read_bytes()
+        out[f"{official}.zip"] = zip_bytes({f"{official}/{im['file_name']}": (images / im["file_name"]).read_bytes()
                                        for im in data["images"]})
-    out["annotations_trainval2014.zip"] = _zip(ann)
+    out["annotations_trainval2014.zip"] = zip_bytes(ann)
     return out
 
 
 def serve(server, archives: dict[str, bytes], tmp_path: Path, wrong: str | None = None) -> Path:
     """Put the archives on the server and write their md5sum file (``wrong``: that archive's sum is bad)."""
     server.files.update(archives)
-    lines = [f"{'0' * 32 if name == wrong else hashlib.md5(data).hexdigest()}  {name}"
-             for name, data in archives.items()]
-    sums = tmp_path / "MD5SUMS"
-    sums.write_text("\n".join(lines) + "\n")
-    return sums
+    return md5sums(archives, tmp_path / "MD5SUMS", wrong)
 
 
 def test_voc_is_fetched_verified_and_extracted_and_a_second_call_does_nothing(server, synthetic, tmp_path):
