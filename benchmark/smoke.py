@@ -102,7 +102,8 @@ CAPS: dict[str, Any] = {
     "igos++.ig_iter": 2,
     "smoothgrad.samples": 2,
     "integrated-gradients.steps": 2,
-    **{f"{m}.{k}": v for m in ("explainer", "rtis", "dgmp-bf", "dgmp-cf", "dgmp-cf-ft") for k, v in _LEARNED_CAP.items()},
+    **{f"{m}.{k}": v for m in ("explainer", "rtis", "dgmp-bf", "dgmp-cf", "dgmp-cf-ft")
+       for k, v in _LEARNED_CAP.items()},
     **{f"{m}.filter_images": 4 for m in ("dgmp-bf", "dgmp-cf", "dgmp-cf-ft")},  # two filter steps of 2
     "dgmp-cf-ft.ft_points": 3,
     "pretrained_backbone": False,  # the Explainer's and RTIS's ResNet-50 backbones: no ImageNet weights here
