@@ -442,6 +442,7 @@ def prepare(config: RunConfig) -> _Session:
         model, clf_info = get_classifier(
             config.model, datasets, train_key, test.num_classes, device, cache, config.checkpoint,
             config.progress, train_new=config.train_classifier, params=config.classifier_params,
+            dataset=config.dataset,
         )
     data_key, clf_sha = test.fingerprint(), clf_info["checkpoint_sha256"]
     identity = run_identity(config, data_key, image_ids, extra, clf_sha,

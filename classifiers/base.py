@@ -44,7 +44,13 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "checkpoints"
 
 @dataclass(frozen=True)
 class TrainRecipe:
-    """How a classifier is trained on a data set's ``train`` split (model selection on ``val``)."""
+    """How a classifier is trained on a data set's ``train`` split (model selection on ``val``).
+
+    ``schedule``: ``onecycle`` (one-cycle learning rate, the synthetic set's recipe) or ``constant`` (NN-Explainer's:
+    Adam at a fixed rate). ``monitor``: early stopping on the validation ``val_map`` (higher is better) or on the
+    validation BCE ``val_loss`` (lower; an epoch improves when it beats the best by more than ``min_delta``, as
+    PyTorch Lightning's ``EarlyStopping``); the weights of the best epoch are kept.
+    """
 
     epochs: int = 20
     batch_size: int = 64
@@ -53,7 +59,30 @@ class TrainRecipe:
     freeze_backbone: bool = False
     hflip: bool = True
     seed: int = 0
-    patience: int = 5  # epochs without val-mAP improvement before stopping
+    patience: int = 5  # epochs without improvement before stopping
+    schedule: str = "onecycle"
+    monitor: str = "val_map"
+    min_delta: float = 0.0
+
+
+# Fields added to TrainRecipe after checkpoints were cached and shipped: part of a checkpoint's key only when they
+# differ from these values, so the existing keys (the shipped smallcnn among them) stay valid.
+_LATER_FIELDS = {"schedule": "onecycle", "monitor": "val_map", "min_delta": 0.0}
+
+
+def recipe_key(recipe: TrainRecipe) -> dict[str, Any]:
+    """The recipe as it enters a classifier checkpoint's cache key (see :data:`_LATER_FIELDS`)."""
+    return {k: v for k, v in asdict(recipe).items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
+
+
+# NN-Explainer's classifier recipe (src/main.py, src/models/classifier.py; ../shared/reference): the ImageNet
+# backbone frozen, a new multi-label head, BCE, Adam at a constant rate without weight decay, batch 16, seed 42,
+# no augmentation, no epoch limit (PyTorch Lightning's 1,000), early stopping on the validation loss (min_delta
+# 1e-3, patience 5; 2 in the COCO configs). Deliberate difference: the frozen backbone stays in eval() (PyTorch
+# Lightning put it back in train mode, so ResNet-50's BatchNorm statistics drifted to VOC/COCO).
+def neurips_recipe(lr: float) -> TrainRecipe:
+    return TrainRecipe(epochs=1000, batch_size=16, lr=lr, weight_decay=0.0, freeze_backbone=True, hflip=False,
+                       seed=42, patience=5, schedule="constant", monitor="val_loss", min_delta=1e-3)
 
 
 class Classifier(nn.Module):
@@ -199,6 +228,7 @@ class ClassifierSpec:
     recipe: TrainRecipe
     description: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    dataset_recipes: dict[str, dict[str, Any]] = field(default_factory=dict)  # per data set: recipe fields changed
 
 
 def _register(spec: ClassifierSpec) -> None:
@@ -217,18 +247,18 @@ _register(
     ClassifierSpec(
         "vgg16",
         lambda num_classes, **kw: TorchvisionClassifier("vgg16", num_classes, **kw),
-        TrainRecipe(epochs=100, batch_size=16, lr=1e-5, weight_decay=0.0, freeze_backbone=True, hflip=False,
-                    patience=5),
+        neurips_recipe(lr=1e-5),
         "VGG-16 ImageNet backbone (frozen) + 3-layer multi-label head, as NN-Explainer",
+        dataset_recipes={"coco": {"patience": 2}},
     )
 )
 _register(
     ClassifierSpec(
         "resnet50",
         lambda num_classes, **kw: TorchvisionClassifier("resnet50", num_classes, **kw),
-        TrainRecipe(epochs=100, batch_size=16, lr=1e-4, weight_decay=0.0, freeze_backbone=True, hflip=False,
-                    patience=5),
+        neurips_recipe(lr=1e-4),
         "ResNet-50 ImageNet backbone (frozen) + linear multi-label head, as NN-Explainer",
+        dataset_recipes={"coco": {"patience": 2}},
     )
 )
 
@@ -261,7 +291,8 @@ def train_classifier(
     device: torch.device,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Multi-label BCE training with Adam; keeps the weights of the best validation mAP (early stopping).
+    """Multi-label BCE training with Adam(W); keeps the weights of the best validation epoch (early stopping on
+    ``recipe.monitor``, see :class:`TrainRecipe`).
 
     The training split is held in memory (the synthetic set is small); VOC/COCO-sized runs belong on a GPU.
     """
@@ -278,9 +309,11 @@ def train_classifier(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = math.ceil(len(x_train) / recipe.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch)
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch)
+             if recipe.schedule == "onecycle" else None)
     loss_fn = nn.BCEWithLogitsLoss()
-    best = (-1.0, None, -1)
+    sign = 1.0 if recipe.monitor == "val_map" else -1.0  # the monitored value, made "higher is better"
+    best = (-math.inf, None, -1)
     history = []
     t0 = time.perf_counter()
     bar = tqdm(range(recipe.epochs), desc=f"train {type(model).__name__}", disable=not progress, leave=False)
@@ -300,15 +333,20 @@ def train_classifier(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            if sched is not None:
+                sched.step()
             total += loss.detach() * len(idx)
         model.eval()
-        val_map = float(class_average_precision(predict(model, x_val, device), y_val).nanmean())
+        val_logits = predict(model, x_val, device)
+        val_map = float(class_average_precision(val_logits, y_val).nanmean())
+        val_loss = float(loss_fn(val_logits, y_val.float()))
         train_loss = float(total) / len(x_train)
-        history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_map": round(val_map, 5)})
+        history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_map": round(val_map, 5),
+                        "val_loss": round(val_loss, 5)})
         bar.set_postfix(loss=f"{train_loss:.4f}", val_mAP=f"{val_map:.4f}")
-        if val_map > best[0]:
-            best = (val_map, {k: v.detach().clone() for k, v in model.state_dict().items()}, epoch + 1)
+        value = sign * (val_map if recipe.monitor == "val_map" else val_loss)
+        if value > best[0] + (recipe.min_delta if best[1] is not None else 0.0):
+            best = (value, {k: v.detach().clone() for k, v in model.state_dict().items()}, epoch + 1)
         elif epoch + 1 - best[2] >= recipe.patience:
             break
     assert best[1] is not None
@@ -316,7 +354,8 @@ def train_classifier(
     return {
         "train_seconds": round(time.perf_counter() - t0, 2),
         "best_epoch": best[2],
-        "val_map": round(best[0], 5),
+        "val_map": history[best[2] - 1]["val_map"],
+        "val_loss": history[best[2] - 1]["val_loss"],
         "history": history,
     }
 
@@ -324,8 +363,10 @@ def train_classifier(
 BUILD_OPTIONS = ("pretrained_backbone",)  # --classifier-param keys that change how the network is built
 
 
-def classifier_settings(name: str, params: dict[str, Any] | None) -> tuple[TrainRecipe, dict[str, Any]]:
-    """``name``'s training recipe and build options with the ``--classifier-param`` overrides applied.
+def classifier_settings(name: str, params: dict[str, Any] | None, dataset: str | None = None
+                        ) -> tuple[TrainRecipe, dict[str, Any]]:
+    """``name``'s training recipe on ``dataset`` (its ``dataset_recipes`` entry applied) and its build options, with
+    the ``--classifier-param`` overrides applied last.
 
     Keys are :class:`TrainRecipe` fields (``epochs``, ``lr``, ...) or :data:`BUILD_OPTIONS` (``pretrained_backbone``:
     False builds a torchvision classifier from random weights, e.g. to exercise the code paths offline); anything
@@ -340,7 +381,11 @@ def classifier_settings(name: str, params: dict[str, Any] | None) -> tuple[Train
     build = {k: v for k, v in params.items() if k in BUILD_OPTIONS}
     if build and name == "smallcnn":
         raise MaskbenchError(f"--classifier-param {', '.join(build)}: smallcnn is always trained from scratch.")
-    recipe = replace(spec.recipe, **{k: v for k, v in params.items() if k in recipe_fields})
+    recipe = replace(spec.recipe, **spec.dataset_recipes.get(dataset or "", {}))
+    recipe = replace(recipe, **{k: v for k, v in params.items() if k in recipe_fields})
+    if recipe.schedule not in ("onecycle", "constant") or recipe.monitor not in ("val_map", "val_loss"):
+        raise MaskbenchError(f"Classifier recipe of {name}: schedule must be onecycle or constant and monitor val_map "
+                             f"or val_loss, got {recipe.schedule!r} and {recipe.monitor!r}.")
     return recipe, build
 
 
@@ -405,6 +450,7 @@ def get_classifier(
     progress: bool = True,
     train_new: bool = False,
     params: dict[str, Any] | None = None,
+    dataset: str | None = None,
 ) -> tuple[Classifier, dict[str, Any]]:
     """Return the frozen classifier for a data set, training and caching it if needed.
 
@@ -416,14 +462,14 @@ def get_classifier(
     part of the cache key.
     """
     spec: ClassifierSpec = CLASSIFIERS.get(name)
-    recipe, build = classifier_settings(name, params)
+    recipe, build = classifier_settings(name, params, dataset)
     info: dict[str, Any] = {"model": name, "recipe": asdict(recipe), **({"build": build} if build else {})}
     if checkpoint is not None:
         model = spec.build(num_classes, **({"pretrained_backbone": False} if name != "smallcnn" else {}))
         load_checkpoint(model, checkpoint, device)
         info.update(checkpoint=str(checkpoint), checkpoint_sha256=file_sha256(checkpoint), trained_here=False)
     else:
-        key = stable_hash({"model": name, "recipe": asdict(recipe), "data": dataset_key, "v": 1,
+        key = stable_hash({"model": name, "recipe": recipe_key(recipe), "data": dataset_key, "v": 1,
                            **({"build": build} if build else {})})
         path = cache_dir / "classifiers" / f"{name}-{key}.pt"
         shipped = SHIPPED_DIR / path.name

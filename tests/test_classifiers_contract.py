@@ -214,3 +214,40 @@ def test_class_average_precision_ties_are_order_independent():
     for _ in range(5):
         perm = torch.randperm(40, generator=gen)
         torch.testing.assert_close(class_average_precision(scores[perm], targets[perm]), base, rtol=0, atol=1e-6)
+
+
+# -- training recipes ------------------------------------------------------------------------------------------------
+def test_the_papers_classifiers_follow_nn_explainers_recipe_and_old_keys_stay():
+    from dataclasses import asdict
+
+    from maskbench.classifiers.base import classifier_settings, recipe_key
+
+    for name, lr in (("vgg16", 1e-5), ("resnet50", 1e-4)):
+        voc, _ = classifier_settings(name, None, "voc")
+        assert (voc.lr, voc.batch_size, voc.weight_decay, voc.seed, voc.epochs) == (lr, 16, 0.0, 42, 1000)
+        assert (voc.schedule, voc.monitor, voc.min_delta, voc.patience) == ("constant", "val_loss", 1e-3, 5)
+        assert voc.freeze_backbone and not voc.hflip
+        assert classifier_settings(name, None, "coco")[0].patience == 2  # NN-Explainer's COCO configs
+        assert classifier_settings(name, {"epochs": 2}, "coco")[0].epochs == 2  # --classifier-param last
+    small = CLASSIFIERS.get("smallcnn").recipe
+    # fields added later leave the key of a recipe that keeps their defaults as it was (the shipped checkpoint)
+    assert recipe_key(small) == {k: v for k, v in asdict(small).items()
+                                 if k not in ("schedule", "monitor", "min_delta")}
+    with pytest.raises(MaskbenchError, match="Valid --classifier-param key"):
+        classifier_settings("vgg16", {"epoch": 2})
+
+
+@pytest.mark.parametrize("monitor", ["val_loss", "val_map"])
+def test_early_stopping_keeps_the_first_epoch_when_nothing_improves(monitor):
+    from maskbench.classifiers.base import TrainRecipe, train_classifier
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 3, 16, 16, generator=gen), (torch.rand(12, 3, generator=gen) > 0.5).float()
+    split = type("S", (), {"images": x, "labels": y})()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 3))  # no BatchNorm or dropout: lr 0 changes nothing
+    recipe = TrainRecipe(epochs=50, batch_size=4, lr=0.0, weight_decay=0.0, patience=3, schedule="constant",
+                         monitor=monitor, min_delta=1e-3, hflip=False)
+    info = train_classifier(model, split, split, recipe, torch.device("cpu"), progress=False)
+    # lr 0: the weights never change, so no epoch beats the first by min_delta: 1 + patience epochs, first kept
+    assert len(info["history"]) == 4 and info["best_epoch"] == 1
+    assert len({h[monitor] for h in info["history"]}) == 1
