@@ -104,4 +104,4 @@ def test_every_table_and_the_reproduction_report_are_written(smoke):
         repro = pd.read_csv(run.run_dir / "reproduction.csv")
         assert len(repro) and repro["measured"].notna().any()
         for r in repro.dropna(subset=["measured"]).itertuples():
-            assert math.isclose(r.difference, r.measured - r.published, abs_tol=1e-9)
+            assert math.isclose(r.difference, r.measured - r.published, abs_tol=2e-4)  # 4 decimals each
