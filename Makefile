@@ -25,8 +25,14 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# NPROC=N: N processes under torchrun (one device each; gloo with one thread each on the CPU)
+NPROC ?= 1
 bench: venv
+ifeq ($(NPROC),1)
 	$(PY) -m maskbench.benchmark bench --dataset $(DATASET) $(ARGS)
+else
+	$(PY) -m torch.distributed.run --nproc_per_node $(NPROC) -m maskbench.benchmark bench --dataset $(DATASET) $(ARGS)
+endif
 
 # download: fetch, verify and extract VOC-2007 (DATASET=voc) or COCO-2014 (DATASET=coco) into the cache
 download: venv

@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--run-name", default=None,
                    help="results folder <results>/<dataset>/<NAME> (default: named after the run, e.g. smallcnn "
                    "for the default run, smallcnn-limit50 for --limit 50)")
+    b.add_argument("--dist-timeout", type=float, default=None,
+                   help="under torchrun: seconds any collective may take (default $MASKBENCH_DIST_TIMEOUT or 1800); "
+                   "waiting for other ranks has no limit, a rank whose heartbeat stops for "
+                   "$MASKBENCH_HEARTBEAT_TIMEOUT (60) s ends the run")
     b.add_argument("--overwrite", action="store_true",
                    help="with --run-name: replace the folder's results if it holds another run")
 
@@ -222,13 +226,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_torchrun(args: argparse.Namespace, log_dir: Path) -> int:
+    """Under torchrun: join the process group, make SIGTERM (torchrun ending the run) a clean exit, and send a
+    non-zero rank's output to ``<log_dir>/rank<r>.log``. Returns the rank (0 outside torchrun)."""
+    import os
+    import signal
+
+    from . import distributed as mdist
+
+    rank, world = mdist.init_from_env(args.device, args.dist_timeout)
+    if world == 1:
+        return 0
+
+    def stopped(signum: int, frame: object) -> None:
+        print(f"maskbench: rank {rank}: stopped by signal {signum} (torchrun ends every process when one fails; its "
+              f"report names the failed rank). Rerun the same command to resume.", file=sys.__stderr__, flush=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stopped)
+    if rank != 0:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(log_dir / f"rank{rank}.log", "a", buffering=1)  # noqa: SIM115 (the process's output until exit)
+        sys.stdout = sys.stderr = log
+        args.progress = False
+    return rank
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import distributed as mdist
     from .runner import run
 
+    rank = _join_torchrun(args, Path(args.results_dir) / "logs")
     cfg = _config(args, split=args.split, limit=args.limit, batch_size=args.batch_size,
                   results_dir=args.results_dir, table_classes=args.table_classes, resume=args.resume,
                   run_name=args.run_name, overwrite=args.overwrite)
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    finally:
+        mdist.shutdown()
+    if rank != 0:
+        return 1 if result.failed else 0
     clf = result.manifest["classifier"]
     quality = (f"torchvision's {clf['weights']}, not fine-tuned" if clf.get("weights")
                else f"test mAP {clf.get('test_map', 'n/a')}")
@@ -256,25 +293,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     """Train learned methods; under ``torchrun`` every process joins one data-parallel training."""
-    import os
-
-    import torch
-
+    from . import distributed as mdist
     from .runner import train
 
     cfg = _config(args)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
-        torch.distributed.init_process_group(backend)
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    rank, _ = mdist.init_from_env(cfg.device)
     try:
         records = train(cfg)
     finally:
-        if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0:
+        mdist.shutdown()
+    if rank == 0:
         for r in records:
             print(f"{r['method']}: {'trained' if r.get('trained_here') else 'loaded'} in "
                   f"{r.get('train_seconds', 0):.1f} s, {r.get('epochs', '?')} epochs, stopped by "

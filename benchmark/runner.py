@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
+import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -39,6 +42,7 @@ from maskbench.datasets import DATASETS, AttributionDataset, Batch, build_datase
 from maskbench.methods import METHODS, AttributionMethod, MethodContext, build_method, check_masks
 from maskbench.metrics import METRICS, MetricInputs, MetricSpec, value_range
 
+from . import distributed as mdist
 from .config import RunConfig
 from .guard import ModelGuard
 from .preflight import check_run_folders
@@ -46,7 +50,7 @@ from .runs import claim_run_dir, locate_run_dir, resolve_run_dir
 from .tables import diagnostics, load_current_rows, write_tables
 from .threads import apply_threads
 
-SAVE_EVERY_SECONDS = 20.0
+SAVE_EVERY_SECONDS = float(os.environ.get("MASKBENCH_SAVE_EVERY", 20.0))  # between saves of a method's rows
 MASK_DTYPE = torch.float16  # precision of the mask cache, and of every mask that is scored
 
 
@@ -66,6 +70,7 @@ class MethodSummary:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # repaired damage, changed code: said, not failures
     setup: dict[str, Any] = field(default_factory=dict)
+    shares: list[dict[str, Any]] = field(default_factory=list)  # multi-process runs: each rank's share
 
 
 @dataclass
@@ -136,6 +141,7 @@ class _MethodRun:
 
     def __init__(self, session: _Session, method: AttributionMethod):
         self.s, self.method, self.name = session, method, stored_name(method, session.config.preset)
+        self.rank, self.world = mdist.rank_world()
         self.summary = MethodSummary(self.name, images=len(session.image_ids))
         self.cache_key = method.cache_key()  # hashes the method's code: computed once
         # the masks' identity (method code and configuration, classifier, data), then one key per metric on them:
@@ -146,6 +152,9 @@ class _MethodRun:
                             for n, spec in session.metric_specs.items()}
         self.masks = MaskCache(session.cache / "masks" / session.data_key / session.clf_key
                                / f"{self.name}-{self.cache_key}")
+        if self.rank == 0:  # what an interrupted multi-process run left: its ranks' rows and compute times
+            self._merge_ranks(session.store.check(self.name).rows)
+        mdist.barrier(f"before {self.name}")
         found = session.store.check(self.name)  # validated: damaged images are recomputed, never "undefined"
         self.summary.warnings += [f"damaged row, recomputed: {p}" for p in found.problems[:10]]
         rows = found.rows
@@ -177,14 +186,47 @@ class _MethodRun:
         self.timing = self.masks.load_timing()
         self.timing.setdefault("explain_seconds", 0.0)
         self.timing.setdefault("images", 0)
+        self.rank_timing = {"explain_seconds": 0.0, "images": 0}  # this process's part (multi-process runs)
         if self.same_key_as_before or previous.get("cache_key") == self.cache_key:
             self.summary.setup = dict(previous.get("setup", {}))  # a resumed run still reports its training
         self.is_setup = False
         self.warmed_up = False
         self.aborted = False  # the method broke the run's contract (changed the model, setup failed)
 
+    def _merge_ranks(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """Rank 0: ``rows`` plus the other ranks' shards of this method, saved (the shards then deleted), and
+        their compute times folded into the mask cache's; returns the merged rows."""
+        store = self.s.store
+        merged, problems = store.merge_shards(self.name, rows)
+        self.summary.warnings += [f"damaged row of a rank's shard, recomputed: {p}" for p in problems[:10]]
+        if merged is not rows:
+            if not self.s.claimed:
+                claim_run_dir(self.s.run_dir, self.s.identity, self.s.image_ids)
+                self.s.claimed = True
+            store.save(self.name, merged)
+            store.drop_shards(self.name)
+        self.masks.merge_rank_timings()
+        return merged
+
+    def _save_timing(self) -> None:
+        """The compute time of the cached masks: rank 0 keeps the total, another rank its own part."""
+        if self.rank == 0:
+            self.masks.save_timing(self.timing)
+            return
+        part = {**self.rank_timing, "device": str(self.s.device)}
+        if "warmup_seconds" in self.timing:
+            part["warmup_seconds"] = self.timing["warmup_seconds"]
+        write_json(self.masks.rank_timing_path(self.rank), part)
+
     def save(self, final: bool = False) -> None:
         rows = pd.concat([self.kept, *self.new_rows], ignore_index=True) if self.new_rows else self.kept
+        if self.rank != 0:  # another rank keeps its rows to itself until rank 0 merges them
+            mine = pd.concat(self.new_rows, ignore_index=True) if self.new_rows else self.kept.iloc[0:0]
+            self.s.store.save_shard(self.name, self.rank, mine)
+            return
+        if final and self.world > 1:  # every rank has saved its shard (barrier in run())
+            rows = self._merge_ranks(rows)
+            self.timing = self.masks.load_timing()
         if not self.s.claimed:
             claim_run_dir(self.s.run_dir, self.s.identity, self.s.image_ids)
             self.s.claimed = True
@@ -282,7 +324,9 @@ class _MethodRun:
         self.timing["explain_seconds"] = round(self.timing["explain_seconds"] + elapsed, 4)
         self.timing["images"] += len(missing)
         self.timing["device"] = str(self.s.device)
-        self.masks.save_timing(self.timing)
+        self.rank_timing["explain_seconds"] = round(self.rank_timing["explain_seconds"] + elapsed, 4)
+        self.rank_timing["images"] += len(missing)
+        self._save_timing()
 
     def _score(self, ids: list[str], batch: Batch, classes: torch.Tensor, masks: torch.Tensor,
                ok: torch.Tensor) -> None:
@@ -320,10 +364,18 @@ class _MethodRun:
         s, t_method = self.s, time.perf_counter()
         todo = [iid for iid in s.image_ids if iid not in self.done]
         self.summary.skipped = len(s.image_ids) - len(todo)
+        bs = s.config.batch_size
+        batches = [todo[i : i + bs] for i in range(0, len(todo), bs)]  # as one process cuts them (exact results)
+        mine = [batches[b] for b in mdist.my_batches(len(batches), self.rank, self.world)]
+        if self.world > 1 and mdist.any_rank(any(not self.masks.path(i).is_file() for ids in mine for i in ids),
+                                             f"{self.name}: setup"):
+            self._setup()  # every rank joins a learned method's (data-parallel) training, as `train` does
         last_save = time.perf_counter()
-        bar = tqdm(total=len(todo), desc=f"{self.name:>16}", disable=not s.config.progress, unit="img", leave=False)
-        for start in range(0, len(todo), s.config.batch_size):
-            ids = todo[start : start + s.config.batch_size]
+        bar = tqdm(total=len(todo), desc=f"{self.name:>16}", disable=not s.config.progress or self.rank != 0,
+                   unit="img", leave=False)
+        progress = mdist.RankProgress(s.run_dir / ".progress", self.name, self.rank, self.world, bar)
+        done = 0
+        for k, ids in enumerate(mine):
             batch = s.load_batch(ids)
             classes = _classes_to_explain(batch.labels.cpu(), s.extra_classes).to(s.device)
             masks = torch.empty(len(ids), classes.shape[1], *batch.images.shape[-2:], device=s.device)
@@ -341,16 +393,26 @@ class _MethodRun:
             if missing:
                 self._explain_missing(ids, batch, classes, masks, missing, ok)
             self._score(ids, batch, classes, masks, ok)
-            bar.update(len(ids))
+            done += len(ids)
+            if self.world == 1:
+                bar.update(len(ids))
+            progress.update(done)
             if self.aborted:
-                self.summary.failed += len(todo) - start - len(ids)
+                self.summary.failed += sum(len(b) for b in mine[k + 1 :])
                 break
             if time.perf_counter() - last_save > SAVE_EVERY_SECONDS:
                 self.save()
                 last_save = time.perf_counter()
-        bar.close()
         self.summary.warnings += [f"damaged cache file, recomputed: {d}" for d in self.masks.damaged]
-        if todo or not s.store.csv_path(self.name).is_file() or not self.same_key_as_before:
+        if self.world > 1:
+            self.save()  # this rank's rows (rank 0: its own so far), then rank 0 merges every rank's
+            mdist.barrier(f"{self.name}: end")
+            progress.close()
+            self._gather_summaries(time.perf_counter() - t_method, len(mine), done)
+        else:
+            progress.close()
+        bar.close()
+        if self.rank == 0 and (todo or not s.store.csv_path(self.name).is_file() or not self.same_key_as_before):
             self.save(final=True)
         self.summary.explain_seconds = self.timing["explain_seconds"]
         if self.timing["images"]:
@@ -358,11 +420,17 @@ class _MethodRun:
         self.summary.seconds = round(time.perf_counter() - t_method, 3)
         return self.summary
 
-
-def _distributed() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    def _gather_summaries(self, seconds: float, batches: int, images: int) -> None:
+        """Every rank's counts summed into rank 0's summary, with each rank's share (a collective)."""
+        own = vars(self.summary) | {"share": {"rank": self.rank, "device": str(self.s.device), "batches": batches,
+                                              "images": images, "seconds": round(seconds, 3)}}
+        parts = mdist.gather(own, f"{self.name}: summaries")
+        total = self.summary
+        for name in ("from_cache", "computed", "failed", "nan_maps", "constant_maps"):
+            setattr(total, name, sum(p[name] for p in parts))
+        total.errors = [e for p in parts for e in p["errors"]]
+        total.warnings = list(dict.fromkeys(w for p in parts for w in p["warnings"]))
+        total.shares = [p["share"] for p in parts]
 
 
 def stored_name(method: AttributionMethod, run_preset: str) -> str:
@@ -420,9 +488,9 @@ def prepare(config: RunConfig) -> _Session:
     device = resolve_device(config.device)
     cache = Path(config.cache_dir) if config.cache_dir else cache_root()
     check_run_folders(Path(config.results_dir), cache)  # writable, with room, before any work
-    rank, world = _distributed()
-    if world > 1 and rank != 0:
-        torch.distributed.barrier()
+    rank, world = mdist.rank_world()
+    if rank != 0:  # rank 0 generates the data and trains the classifier first; the others then load them
+        mdist.barrier("waiting for rank 0 to prepare the data and the classifier")
 
     data_meta = DATASETS.meta(config.dataset)
     roles = data_meta.get("splits", {})  # the data set's names of the train / val / test roles (COCO: val2014)
@@ -450,8 +518,8 @@ def prepare(config: RunConfig) -> _Session:
     if rank == 0:
         run_dir = resolve_run_dir(config.run_dir(clf_sha), identity, image_ids, named=config.run_name is not None,
                                   overwrite=config.overwrite)
-    if world > 1 and rank == 0:
-        torch.distributed.barrier()
+    if rank == 0:
+        mdist.barrier("waiting for rank 0 to prepare the data and the classifier")
     if rank != 0:  # the folder rank 0 chose
         run_dir = locate_run_dir(config.run_dir(clf_sha), identity)
     session = _Session(
@@ -500,9 +568,16 @@ def run(config: RunConfig) -> RunResult:
     device, test, image_ids, data_key = session.device, session.test, session.image_ids, session.data_key
     clf_info = session.classifier_info
     summaries = [_MethodRun(session, method).run() for method in methods]
-
-
+    rank, world = mdist.rank_world()
+    ranks = mdist.gather({"rank": rank, "device": str(device), "host": platform.node(), "threads": session.threads},
+                         "run: ranks")
     run_dir = session.run_dir
+    if rank != 0:  # rank 0 writes the manifest and the tables
+        return RunResult(run_dir, summaries, {"rank": rank, "world_size": world})
+    shutil.rmtree(run_dir / ".progress", ignore_errors=True)  # every rank is past its last progress file
+    for empty in (run_dir / "per_image" / ".shards",):
+        if empty.is_dir() and not any(empty.iterdir()):
+            empty.rmdir()
     clf_public = {k: v for k, v in clf_info.items() if k != "history"}
     manifest = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -511,6 +586,9 @@ def run(config: RunConfig) -> RunResult:
         "versions": library_versions(),
         "device": str(device),
         "threads": session.threads,
+        "distributed": {"world_size": world, "ranks": ranks,
+                        "split": "batches of --batch-size dealt to the ranks in snake order (each method's share "
+                                 "is under methods[].shares)"},
         "dataset": {
             "name": config.dataset,
             "split": config.split,

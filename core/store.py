@@ -90,6 +90,37 @@ class MaskCache:
     def save_timing(self, timing: dict[str, Any]) -> None:
         write_json(self.timing_path, timing)
 
+    def rank_timing_path(self, rank: int) -> Path:
+        return self.root / f"timing.rank{rank}.json"
+
+    def merge_rank_timings(self) -> dict[str, Any]:
+        """Fold the per-rank compute times of a multi-process run (``timing.rank<r>.json``: seconds and images
+        added by that rank) into ``timing.json``, delete them and return the total. Run by one process only."""
+        timing = self.load_timing()
+        files = sorted(self.root.glob("timing.rank*.json")) if self.root.is_dir() else []
+        if not files:
+            return timing
+        timing.setdefault("explain_seconds", 0.0)
+        timing.setdefault("images", 0)
+        devices = {timing["device"]} if timing.get("device") else set()
+        for f in files:
+            try:
+                part = read_json(f)
+                timing["explain_seconds"] = round(timing["explain_seconds"] + float(part["explain_seconds"]), 4)
+                timing["images"] += int(part["images"])
+                if part.get("device"):
+                    devices.add(str(part["device"]))
+                if "warmup_seconds" in part:
+                    timing["warmup_seconds"] = max(float(part["warmup_seconds"]), timing.get("warmup_seconds", 0))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                self.damaged.append(f"{f}: {exc} (that rank's compute time is lost; its masks are kept)")
+        if devices:
+            timing["device"] = ",".join(sorted(devices))
+        self.save_timing(timing)
+        for f in files:
+            f.unlink(missing_ok=True)
+        return timing
+
     def put(self, image_id: str, classes: np.ndarray, masks: np.ndarray) -> None:
         buf = io.BytesIO()
         np.savez_compressed(buf, classes=classes.astype(np.int64), masks=masks.astype(np.float16))
@@ -205,6 +236,43 @@ class RowStore:
     def save(self, method: str, rows: pd.DataFrame) -> None:
         rows = rows[ROW_COLUMNS].astype({"value": float}).sort_values(["image_id", "metric"], kind="stable")
         atomic_write(self.csv_path(method), rows.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
+
+    def shard_path(self, method: str, rank: int) -> Path:
+        """Where rank ``rank`` of a multi-process run keeps its new rows of ``method`` until rank 0 merges them."""
+        return self.dir / ".shards" / f"{_safe(method)}.rank{rank}.csv"
+
+    def save_shard(self, method: str, rank: int, rows: pd.DataFrame) -> None:
+        path = self.shard_path(method, rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = rows[ROW_COLUMNS].astype({"value": float})
+        atomic_write(path, rows.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
+
+    def merge_shards(self, method: str, rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+        """``rows`` plus every rank's shard of ``method`` (validated like the main file; damaged images left out,
+        to be recomputed), a later row replacing an earlier one of the same (run key, image, metric), and the
+        shard files deleted after the caller saved (:meth:`drop_shards`). Returns the rows and the problems."""
+        parts, problems = [rows], []
+        for path in sorted((self.dir / ".shards").glob(f"{_safe(method)}.rank*.csv")):
+            try:
+                df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+                problems.append(f"{path}: unreadable ({type(exc).__name__}: {exc})")
+                continue
+            if list(df.columns) != ROW_COLUMNS:
+                problems.append(f"{path}:1: columns {list(df.columns)}, expected {ROW_COLUMNS}")
+                continue
+            found = validate_rows(df, path, self.valid_range)
+            problems += found.problems
+            parts.append(found.rows)
+        if len(parts) == 1:
+            return rows, problems
+        merged = pd.concat([p[ROW_COLUMNS].astype({"value": float}) for p in parts], ignore_index=True)
+        merged = merged.drop_duplicates(["run_key", "image_id", "metric"], keep="last")
+        return merged.reset_index(drop=True), problems
+
+    def drop_shards(self, method: str) -> None:
+        for path in (self.dir / ".shards").glob(f"{_safe(method)}.rank*.csv"):
+            path.unlink(missing_ok=True)
 
     def load_meta(self, method: str, *, strict: bool = True) -> dict[str, Any]:
         """A method's sidecar; ``strict``: a damaged one is an error naming it, otherwise it reads as empty."""
