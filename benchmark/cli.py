@@ -181,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--out", default="results/perf")
     pf.add_argument("--no-progress", dest="progress", action="store_false")
 
+    pr = sub.add_parser("perf-ranks", help="throughput of 1 and 2 processes under torchrun, one thread each, for EP "
+                        "and the Explainer's training (results/perf/scaling-ranks.csv)")
+    pr.add_argument("--images", type=int, default=32)
+    pr.add_argument("--steps", type=int, default=60)
+    pr.add_argument("--out", default="results/perf")
+
     pj = sub.add_parser("project", help="projected GPU hours of each published setting and method, from the passes "
                         "`make perf` counted and the papers' GPU (results/perf/projection.csv; a projection)")
     pj.add_argument("--out", default="results/perf", help="folder holding methods.csv (default: %(default)s)")
@@ -470,6 +476,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_perf(args)
         if args.command == "paper-smoke":
             return _cmd_paper_smoke(args)
+        if args.command == "perf-ranks":
+            from .scaling import measure_ranks
+
+            print(measure_ranks(Path(args.out), args.images, args.steps).read_text())
+            return 0
         if args.command == "project":
             from .projection import write_projection
 
