@@ -33,6 +33,7 @@ from maskbench.core.store import COMPLETE, RowStore, StoredDataError
 from maskbench.methods.deviations import deviations
 from maskbench.metrics import METRICS, MetricSpec, TableInputs, TableSpec, table_specs, value_range
 
+from .meta_evaluation import Headline, write_meta_tables
 from .reproduction import departures, write_reproduction
 from .runs import read_run
 
@@ -269,6 +270,11 @@ def write_tables(run_dir: Path, *, resamples: int = RESAMPLES, seed: int = SEED,
         written.append(atomic_write(run_dir / "leaderboard.tex", statistics_latex(
             board, methods, labels, families, cap, f"tab:leaderboard-{dataset}-{model}", ci=ci,
             extra={"Images/s": rate})))
+    if headlines:  # the headline statistics judged against each other, and every method against random
+        heads = [Headline(spec.name, stat, spec.headline[1]) for spec in headlines for stat in spec.stats
+                 if stat.name == spec.headline[0]]
+        competing = [m for m in order if eligible.get(m, False) and m in set(all_rows["method"])]
+        written += write_meta_tables(run_dir, all_rows, competing, heads, run_images, labels, where, resamples, seed)
     listed = [m for m in _method_order(metas) if deviations(m)]
     if listed:
         text = ["# Deviations from the published runs", "",

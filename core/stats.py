@@ -208,3 +208,20 @@ def statistics_table(rows: pd.DataFrame, methods: list[str], stats: list[Statist
     return pd.DataFrame.from_records(records, columns=["statistic", "label", "higher_is_better", "method", "value",
                                                        "ci_low", "ci_high", "images", "undefined", "missing", "best",
                                                        "not_different_from_best"])
+
+
+def statistic_samples(rows: pd.DataFrame, methods: list[str], stats: list[Statistic], image_ids: list[str],
+                      resamples: int = RESAMPLES, seed: int = SEED) -> dict[str, dict[str, Estimate]]:
+    """Per statistic, each method's :class:`Estimate` (point value and the (R,) bootstrap samples), with the draws
+    :func:`statistics_table` uses for the same images and seed, so the samples pair across methods and tables."""
+    image_ids = sorted(image_ids)
+    weights = bootstrap_weights(len(image_ids), resamples, seed)
+    wide = {m: wide_values(rows[rows["method"] == m], image_ids) for m in methods}
+    out: dict[str, dict[str, Estimate]] = {}
+    for stat in stats:
+        out[stat.name] = {}
+        for m in methods:
+            cols = stat.select(list(wide[m].columns))
+            if cols:
+                out[stat.name][m] = estimate(wide[m][cols].to_numpy(dtype=np.float64), cols, stat, weights)
+    return out
