@@ -1,7 +1,7 @@
 """maskbench.metrics: per-image metrics behind one registry (``METRICS``), each with its polarity, and the
 tables they declare (``TABLES``)."""
 
-from . import class_table, faithfulness, localisation, masked_classifier, segmentation  # noqa: F401  (registrations)
+from . import class_table, faithfulness, localisation, masked_classifier, sanity, segmentation  # noqa: F401
 from .base import (
     METRICS,
     TABLES,

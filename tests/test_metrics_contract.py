@@ -137,6 +137,11 @@ NO_TRUE_CLASS = [U_NOTRUE, U_NOLABEL]
 # Metrics that compare the merged mask with the segmentation: undefined without one (segmentation.py).
 # ``sal`` (same table) reads only the classifier and the mask's area, so it is defined without segmentation.
 SEGMENTATION_ONLY = {"acc", "iou", "mae"}
+# Sanity metrics that compare a true class's map with the map of an absent class (sanity.py): defined only where
+# an absent class is explained and the maps are not constant, so neither the "defined on every polarity image"
+# rule nor the ground-truth-beats-0.5 polarity applies (the absent classes' ground truth is empty, 0.5 constant);
+# their defined cells are checked by expected_defined, their answers in tests/test_metrics_sanity.py.
+ABSENT_CLASS_METRICS = {"randomlogit"}
 
 
 @pytest.fixture(scope="module")
@@ -232,10 +237,14 @@ def test_shape_dtype_and_valid_range(name, model, batch):
     registered valid range; and every metric is defined somewhere (else every NaN check below is vacuous)."""
     spec = METRICS.get(name)
     assert spec.valid_range[0] <= spec.valid_range[1]
-    for masks in (random_masks(), ground_truth_masks(batch, CLASSES), torch.full((len(LABELS), 2, H, W), 0.5)):
+    for kind, masks in (("random", random_masks()), ("gt", ground_truth_masks(batch, CLASSES)),
+                        ("constant", torch.full((len(LABELS), 2, H, W), 0.5))):
         values = score(name, model, batch, masks, CLASSES)
         check_shape_dtype_range(name, values, len(LABELS))
         defined = torch.stack([~torch.isnan(v) for v in values.values()]).any(0)
+        if name in ABSENT_CLASS_METRICS:  # random maps: defined where an absent class is explained
+            assert kind != "random" or defined.any(), f"{name} is defined nowhere"
+            continue
         assert defined[POLARITY].all(), f"{name} is undefined on images with a true class: {defined}"
 
 
@@ -259,6 +268,9 @@ def expected_defined(name: str, batch: Batch, classes: Tensor) -> dict[str, Tens
         return {name: has_true}
     if name == "energy-pointing":  # examples/energy_pointing.py: no true class explained, no box or no energy
         return {name: has_true}  # (every labelled class has a box, and random masks have energy)
+    if name in ABSENT_CLASS_METRICS:  # a true class and an absent class among the explained ones (random maps)
+        absent = ~torch.gather(labels, 1, classes)
+        return {name: has_true & absent.any(1)}
     if name == "maskcls":  # every count undefined without a true class explained
         keys = ["tp", "fp", "fn", "orig_tp", "orig_fp", "orig_fn"]
         return {f"maskcls/{k}": has_true for k in keys}
@@ -385,6 +397,8 @@ def test_ground_truth_beats_a_constant_mask(name, model, batch):
     constant masks' precision is 0 / 0 there: no class survives them). For a scalar metric, each image must
     also be at least as good with its ground truth."""
     spec = METRICS.get(name)
+    if name in ABSENT_CLASS_METRICS:
+        pytest.skip(f"{name}: the ground truth of an absent class is empty (see ABSENT_CLASS_METRICS)")
     sub = batch.select(POLARITY)
     classes = CLASSES[POLARITY]
     gt = score(name, model, sub, ground_truth_masks(sub, classes), classes)
