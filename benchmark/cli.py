@@ -181,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--out", default="results/perf")
     pf.add_argument("--no-progress", dest="progress", action="store_false")
 
+    sn = sub.add_parser("sanity", help="model-parameter randomisation test (cascading and independent) of the run's "
+                        "methods on its first images, with a noise control row (randomisation.csv/.tex)")
+    _add_run_args(sn, d)
+    sn.add_argument("--methods", type=_csv_list, default=None,
+                    help="methods (default: the default run's, learned ones left out: not retrained yet)")
+    sn.add_argument("--images", type=int, default=32, help="first N test images (default: %(default)s)")
+    sn.add_argument("--results", dest="results_dir", default=d.results_dir)
+
     pr = sub.add_parser("perf-ranks", help="throughput of 1 and 2 processes under torchrun, one thread each, for EP "
                         "and the Explainer's training (results/perf/scaling-ranks.csv)")
     pr.add_argument("--images", type=int, default=32)
@@ -431,6 +439,32 @@ def _cmd_paper_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sanity(args: argparse.Namespace) -> int:
+    from maskbench.datasets import collate
+    from maskbench.methods import METHODS
+
+    from .randomisation import randomisation_rows, write_randomisation
+    from .runner import build_methods, prepare
+
+    if args.images < 1:
+        raise MaskbenchError(f"--images must be positive, got {args.images}.")
+    args.methods = args.methods or [m for m in DEFAULT_METHODS if METHODS.get(m).family != "learned"]
+    cfg = _config(args, results_dir=args.results_dir)
+    built = [m for m in build_methods(cfg) if m.family != "learned"]
+    session = prepare(cfg)
+    ctx = session.method_context()
+    for m in built:
+        m.setup(ctx)
+    ids = session.image_ids[: args.images]
+    batch = collate([session.test.load(i) for i in ids]).to(session.device)
+    rows = randomisation_rows(built, session.model, batch.images, batch.labels.cpu(), ids, batch, cfg.seed)
+    labels = {m.name: m.display_name() for m in built}
+    where = f"{cfg.dataset}, {cfg.model}, first {len(ids)} images, preset {cfg.preset}"
+    for path in write_randomisation(session.run_dir, rows, labels, where):
+        print(path)
+    return 0
+
+
 def _cmd_perf(args: argparse.Namespace) -> int:
     from .perf import PerfConfig, run_perf
 
@@ -476,6 +510,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_perf(args)
         if args.command == "paper-smoke":
             return _cmd_paper_smoke(args)
+        if args.command == "sanity":
+            return _cmd_sanity(args)
         if args.command == "perf-ranks":
             from .scaling import measure_ranks
 
