@@ -30,12 +30,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from itertools import combinations
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from maskbench.core.render import csv_text, escape
+from maskbench.core.render import csv_text, escape, plain_latex
 from maskbench.core.stats import LEVEL, Estimate, Statistic, statistic_samples
 from maskbench.core.storage import atomic_write
 
@@ -191,47 +192,32 @@ def meta_tables(rows: pd.DataFrame, methods: list[str], headlines: list[Headline
 def _agreement_latex(table: pd.DataFrame, where: str, resamples: int, seed: int) -> str:
     names = list(dict.fromkeys(table["statistic_a"]))
     cell = {(r.statistic_a, r.statistic_b): r for r in table.itertuples()}
-    lines = [r"\begin{table}[t]", r"\centering",
-             rf"\caption{{Agreement of the leaderboard statistics ({where}): Kendall's $\tau_b$ between the methods' "
-             rf"values (each oriented so that higher is better), with the 95\% percentile interval over "
-             rf"{resamples} bootstrap draws of the images (seed {seed}). 1: the same ranking; -1: reversed; "
-             rf"reference rows left out.}}",
-             r"\label{tab:meta-agreement}", r"\begin{tabular}{l" + "c" * len(names) + "}", r"\toprule",
-             " & ".join(["", *[escape(n) for n in names]]) + r" \\", r"\midrule"]
-    for a in names:
-        cells = []
-        for b in names:
-            r = cell[(a, b)]
-            cells.append("--" if math.isnan(r.tau) else
-                         f"{r.tau:.2f} {{\\scriptsize[{r.ci_low:.2f}, {r.ci_high:.2f}]}}")
-        lines.append(" & ".join([escape(a), *cells]) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
-    return "\n".join(lines)
+    frame = pd.DataFrame([{"row": escape(a), **{b: "--" if math.isnan(cell[(a, b)].tau) else
+                                                 f"{cell[(a, b)].tau:.2f} {{\\scriptsize[{cell[(a, b)].ci_low:.2f}, "
+                                                 f"{cell[(a, b)].ci_high:.2f}]}}" for b in names}} for a in names])
+    caption = (rf"Agreement of the leaderboard statistics ({where}): Kendall's $\tau_b$ between the methods' values "
+               rf"(each oriented so that higher is better), with the 95\% percentile interval over {resamples} "
+               rf"bootstrap draws of the images (seed {seed}). 1: the same ranking; -1: reversed; reference rows "
+               rf"left out.")
+    return plain_latex(frame, {"row": "", **{n: n for n in names}}, caption, "tab:meta-agreement")
 
 
 def _vs_random_latex(table: pd.DataFrame, labels: dict[str, str], where: str) -> str:
     stats_ = list(dict.fromkeys(table["statistic"]))
-    methods = list(dict.fromkeys(table["method"]))
     cell = {(r.statistic, r.method): r for r in table.itertuples()}
-    lines = [r"\begin{table}[t]", r"\centering",
-             rf"\caption{{Each method against the uniform-random row ({where}): difference of the leaderboard "
-             r"statistic (oriented so that positive is better than random), bold where the Benjamini-Hochberg "
-             r"q-value of the paired-bootstrap test is below 0.05 (all tests of the run corrected together), "
-             r"-- where undefined.}", r"\label{tab:meta-vs-random}",
-             r"\begin{tabular}{l" + "r" * len(stats_) + "}", r"\toprule",
-             " & ".join(["Method", *[escape(s) for s in stats_]]) + r" \\", r"\midrule"]
-    for m in methods:
-        cells = []
-        for s in stats_:
-            r = cell.get((s, m))
-            if r is None or math.isnan(r.delta):
-                cells.append("--")
-                continue
-            text = f"{r.delta:+.2f}"
-            cells.append(rf"\textbf{{{text}}}" if bool(r.significant) else text)
-        lines.append(" & ".join([escape(labels.get(m, m)), *cells]) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
-    return "\n".join(lines)
+
+    def text(r: Any) -> str:
+        if r is None or math.isnan(r.delta):
+            return "--"
+        return rf"\textbf{{{r.delta:+.2f}}}" if bool(r.significant) else f"{r.delta:+.2f}"
+
+    frame = pd.DataFrame([{"method": escape(labels.get(m, m)), **{s: text(cell.get((s, m))) for s in stats_}}
+                          for m in dict.fromkeys(table["method"])])
+    caption = (rf"Each method against the uniform-random row ({where}): difference of the leaderboard statistic "
+               r"(oriented so that positive is better than random), bold where the Benjamini-Hochberg q-value of "
+               r"the paired-bootstrap test is below 0.05 (all tests of the run corrected together), -- where "
+               r"undefined.")
+    return plain_latex(frame, {"method": "Method", **{s: s for s in stats_}}, caption, "tab:meta-vs-random")
 
 
 def write_meta_tables(run_dir, rows: pd.DataFrame, methods: list[str], headlines: list[Headline],
