@@ -171,38 +171,25 @@ class TorchvisionClassifier(Classifier):
                 f"{torchvision.models.get_weight(weights).url}); or pass --checkpoint with a trained maskbench "
                 f"checkpoint of this model."
             ) from None
-        if imagenet_head:
-            self.probabilities = "softmax"
-            if arch == "vgg16":
-                self.backbone = nn.Sequential(net.features, net.avgpool)
-                self.head = nn.Sequential(nn.Flatten(), net.classifier)
-                self._cam, self._features = net.features[-1], [net.features[i] for i in (3, 8, 15, 22, 29)]
-            else:
-                self.backbone = nn.Sequential(*list(net.children())[:-1])
-                self.head = nn.Sequential(nn.Flatten(), net.fc)
-                self._cam, self._features = net.layer4[-1], [net.layer1, net.layer2, net.layer3, net.layer4]
-            return
         if arch == "vgg16":
-            self.backbone = nn.Sequential(net.features, net.avgpool)
-            self.head = nn.Sequential(
-                nn.Flatten(),
-                nn.Linear(512 * 7 * 7, 4096),
-                nn.ReLU(True),
-                nn.Dropout(0.5),
-                nn.Linear(4096, 4096),
-                nn.ReLU(True),
-                nn.Dropout(0.5),
-                nn.Linear(4096, num_classes),
-            )
-            self._cam = net.features[-1]  # last max-pool, 7x7 at 224 px (as NN-Explainer)
-            self._features = [net.features[i] for i in (3, 8, 15, 22, 29)]
+            backbone = nn.Sequential(net.features, net.avgpool)
+            cam = net.features[-1]  # last max-pool, 7x7 at 224 px (as NN-Explainer)
+            features = [net.features[i] for i in (3, 8, 15, 22, 29)]
+            new_head = [nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(0.5), nn.Linear(4096, 4096),
+                        nn.ReLU(True), nn.Dropout(0.5), nn.Linear(4096, num_classes)]
+            imagenet = net.classifier
         elif arch == "resnet50":
-            self.backbone = nn.Sequential(*list(net.children())[:-1])
-            self.head = nn.Sequential(nn.Flatten(), nn.Linear(2048, num_classes))
-            self._cam = net.layer4[-1]
-            self._features = [net.layer1, net.layer2, net.layer3, net.layer4]
+            backbone = nn.Sequential(*list(net.children())[:-1])
+            cam, features = net.layer4[-1], [net.layer1, net.layer2, net.layer3, net.layer4]
+            new_head = [nn.Linear(2048, num_classes)]
+            imagenet = net.fc
         else:  # pragma: no cover - guarded by the registry
             raise MaskbenchError(f"Unsupported torchvision architecture {arch}")
+        if imagenet_head:  # torchvision's own 1,000-class head
+            self.probabilities = "softmax"
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Flatten(), imagenet) if imagenet_head else nn.Sequential(nn.Flatten(), *new_head)
+        self._cam, self._features = cam, features
 
     @property
     def cam_layer(self) -> nn.Module:  # type: ignore[override]
