@@ -440,7 +440,6 @@ def _cmd_paper_smoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_sanity(args: argparse.Namespace) -> int:
-    from maskbench.datasets import collate
     from maskbench.methods import METHODS
 
     from .randomisation import randomisation_rows, write_randomisation
@@ -456,7 +455,7 @@ def _cmd_sanity(args: argparse.Namespace) -> int:
     for m in built:
         m.setup(ctx)
     ids = session.image_ids[: args.images]
-    batch = collate([session.test.load(i) for i in ids]).to(session.device)
+    batch = session.load_batch(ids)
     rows = randomisation_rows(built, session.model, batch.images, batch.labels.cpu(), ids, batch, cfg.seed)
     labels = {m.name: m.display_name() for m in built}
     where = f"{cfg.dataset}, {cfg.model}, first {len(ids)} images, preset {cfg.preset}"

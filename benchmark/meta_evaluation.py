@@ -37,7 +37,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from maskbench.core.render import csv_text, escape, plain_latex
-from maskbench.core.stats import LEVEL, Estimate, Statistic, statistic_samples
+from maskbench.core.stats import Estimate, Statistic, percentile_interval, statistic_samples
 from maskbench.core.storage import atomic_write
 
 RANDOM_ROW = "random-uniform"
@@ -51,15 +51,6 @@ class Headline:
     table: str
     stat: Statistic
     label: str
-
-
-def _interval(samples: np.ndarray) -> tuple[float, float]:
-    s = samples[~np.isnan(samples)]
-    if not len(s):
-        return math.nan, math.nan
-    a = (1 - LEVEL) / 2
-    lo, hi = np.quantile(s, [a, 1 - a])
-    return float(lo), float(hi)
 
 
 def oriented(est: dict[str, Estimate], methods: list[str], higher_is_better: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -104,7 +95,7 @@ def agreement(values: dict[str, tuple[np.ndarray, np.ndarray]]) -> pd.DataFrame:
         for b in names[i:]:
             (pa, sa), (pb, sb) = values[a], values[b]
             draws = kendall_draws(sa, sb)
-            lo, hi = _interval(draws)
+            lo, hi = percentile_interval(draws)
             done[(a, b)] = {"tau": kendall(pa, pb), "ci_low": lo, "ci_high": hi,
                             "methods": int((~(np.isnan(pa) | np.isnan(pb))).sum())}
     recs = [{"statistic_a": a, "statistic_b": b, **done.get((a, b), done.get((b, a), {}))}
@@ -117,7 +108,7 @@ def separation(samples: np.ndarray) -> tuple[int, int]:
     """(pairs, pairs whose paired-bootstrap interval of the difference excludes 0) among the rows of (M, R)."""
     pairs = separated = 0
     for i, j in combinations(range(samples.shape[0]), 2):
-        lo, hi = _interval(samples[i] - samples[j])
+        lo, hi = percentile_interval(samples[i] - samples[j])
         if math.isnan(lo):
             continue
         pairs += 1
@@ -166,13 +157,13 @@ def meta_tables(rows: pd.DataFrame, methods: list[str], headlines: list[Headline
             rp, rs = oriented(est, [RANDOM_ROW], h.stat.higher_is_better)
             for k, m in enumerate(present):
                 diff = samples[k] - rs[0]
-                lo, hi = _interval(diff)
+                lo, hi = percentile_interval(diff)
                 vs_random.append({"statistic": h.label, "method": m, "delta": point[k] - rp[0], "ci_low": lo,
                                   "ci_high": hi, "p_value": bootstrap_p(diff)})
         rp_, rs_ = ranks(point, samples)
         first = np.fmin.reduce(rs_, axis=0)  # the best rank of each draw (NaN where no method is defined)
         for k, m in enumerate(present):
-            lo, hi = _interval(rs_[k])
+            lo, hi = percentile_interval(rs_[k])
             defined = rs_[k][~np.isnan(rs_[k])]
             rank_rows.append({"statistic": h.label, "method": m, "rank": rp_[k],
                               "rank_median": float(np.median(defined)) if len(defined) else math.nan,

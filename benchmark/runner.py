@@ -152,7 +152,8 @@ class _MethodRun:
                             for n, spec in session.metric_specs.items()}
         self.masks = MaskCache(session.cache / "masks" / session.data_key / session.clf_key
                                / f"{self.name}-{self.cache_key}")
-        if self.rank == 0:  # what an interrupted multi-process run left: its ranks' rows and compute times
+        if self.rank == 0 and (session.store.shards(self.name) or self.masks.rank_timing_files()):
+            # what an interrupted multi-process run left: its ranks' rows and compute times
             self._merge_ranks(session.store.check(self.name).rows)
         mdist.barrier(f"before {self.name}")
         found = session.store.check(self.name)  # validated: damaged images are recomputed, never "undefined"
@@ -219,11 +220,11 @@ class _MethodRun:
         write_json(self.masks.rank_timing_path(self.rank), part)
 
     def save(self, final: bool = False) -> None:
-        rows = pd.concat([self.kept, *self.new_rows], ignore_index=True) if self.new_rows else self.kept
         if self.rank != 0:  # another rank keeps its rows to itself until rank 0 merges them
             mine = pd.concat(self.new_rows, ignore_index=True) if self.new_rows else self.kept.iloc[0:0]
             self.s.store.save_shard(self.name, self.rank, mine)
             return
+        rows = pd.concat([self.kept, *self.new_rows], ignore_index=True) if self.new_rows else self.kept
         if final and self.world > 1:  # every rank has saved its shard (barrier in run())
             rows = self._merge_ranks(rows)
             self.timing = self.masks.load_timing()
@@ -575,9 +576,9 @@ def run(config: RunConfig) -> RunResult:
     if rank != 0:  # rank 0 writes the manifest and the tables
         return RunResult(run_dir, summaries, {"rank": rank, "world_size": world})
     shutil.rmtree(run_dir / ".progress", ignore_errors=True)  # every rank is past its last progress file
-    for empty in (run_dir / "per_image" / ".shards",):
-        if empty.is_dir() and not any(empty.iterdir()):
-            empty.rmdir()
+    shards = run_dir / "per_image" / ".shards"
+    if shards.is_dir() and not any(shards.iterdir()):
+        shards.rmdir()
     clf_public = {k: v for k, v in clf_info.items() if k != "history"}
     manifest = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

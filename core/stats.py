@@ -123,7 +123,8 @@ def column_means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
-def _percentiles(samples: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+def percentile_interval(samples: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """The ``level`` percentile interval of the defined (non-NaN) bootstrap samples; NaNs when none is."""
     s = samples[~np.isnan(samples)]
     if not len(s):
         return float("nan"), float("nan")
@@ -136,7 +137,7 @@ def estimate(values: np.ndarray, cols: list[str], stat: Statistic, weights: np.n
     """Point estimate, percentile interval and bootstrap samples of ``stat`` on an (n, C) value matrix."""
     point = float(stat.reduce(column_means(values, np.ones((1, len(values)))), cols)[0])
     samples = stat.reduce(column_means(values, weights), cols)
-    lo, hi = _percentiles(samples)
+    lo, hi = percentile_interval(samples)
     defined = int((~np.isnan(values)).any(1).sum())
     return Estimate(point, lo, hi, defined, len(values) - defined, samples)
 
@@ -160,7 +161,7 @@ def best_index(values: Sequence[float], higher_is_better: bool, eligible: Sequen
 
 def same_as_best(best: np.ndarray, other: np.ndarray, level: float = LEVEL) -> bool:
     """Paired bootstrap: the ``level`` interval of ``best - other`` over shared resamples contains 0."""
-    lo, hi = _percentiles(best - other, level)
+    lo, hi = percentile_interval(best - other, level)
     return bool(lo <= 0.0 <= hi) if not np.isnan(lo) else False
 
 

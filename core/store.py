@@ -93,11 +93,14 @@ class MaskCache:
     def rank_timing_path(self, rank: int) -> Path:
         return self.root / f"timing.rank{rank}.json"
 
+    def rank_timing_files(self) -> list[Path]:
+        return sorted(self.root.glob("timing.rank*.json")) if self.root.is_dir() else []
+
     def merge_rank_timings(self) -> dict[str, Any]:
         """Fold the per-rank compute times of a multi-process run (``timing.rank<r>.json``: seconds and images
         added by that rank) into ``timing.json``, delete them and return the total. Run by one process only."""
         timing = self.load_timing()
-        files = sorted(self.root.glob("timing.rank*.json")) if self.root.is_dir() else []
+        files = self.rank_timing_files()
         if not files:
             return timing
         timing.setdefault("explain_seconds", 0.0)
@@ -204,19 +207,25 @@ class RowStore:
     def meta_path(self, method: str) -> Path:
         return self.dir / f"{_safe(method)}.json"
 
+    def _read(self, p: Path) -> tuple[RowCheck, bool]:
+        """A rows file validated (see :func:`validate_rows`), and whether it could be read as rows at all (False:
+        unreadable, or other columns; the check then holds that one problem and no rows)."""
+        try:
+            df = pd.read_csv(p, dtype=str, keep_default_na=False, na_values=[""])
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+            problem = f"{p}: unreadable ({type(exc).__name__}: {exc})"
+            return RowCheck(pd.DataFrame(columns=ROW_COLUMNS), [problem]), False
+        if list(df.columns) != ROW_COLUMNS:
+            return RowCheck(pd.DataFrame(columns=ROW_COLUMNS),
+                            [f"{p}:1: columns {list(df.columns)}, expected {ROW_COLUMNS}"]), False
+        return validate_rows(df, p, self.valid_range), True
+
     def check(self, method: str) -> RowCheck:
         """The method's stored rows, validated (see :func:`validate_rows`); an unreadable file is one problem."""
         p = self.csv_path(method)
         if not p.is_file():
             return RowCheck(pd.DataFrame(columns=ROW_COLUMNS))
-        try:
-            df = pd.read_csv(p, dtype=str, keep_default_na=False, na_values=[""])
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
-            return RowCheck(pd.DataFrame(columns=ROW_COLUMNS), [f"{p}: unreadable ({type(exc).__name__}: {exc})"])
-        if list(df.columns) != ROW_COLUMNS:
-            return RowCheck(pd.DataFrame(columns=ROW_COLUMNS),
-                            [f"{p}:1: columns {list(df.columns)}, expected {ROW_COLUMNS}"])
-        return validate_rows(df, p, self.valid_range)
+        return self._read(p)[0]
 
     def load(self, method: str, run_key: str | None = None, *, strict: bool = True) -> pd.DataFrame:
         """Rows of a method (with ``run_key``: only those computed under that key), validated. ``strict``:
@@ -233,9 +242,13 @@ class RowStore:
             df = df[df["run_key"] == run_key]
         return df.reset_index(drop=True)
 
+    @staticmethod
+    def _write(path: Path, rows: pd.DataFrame) -> None:
+        rows = rows[ROW_COLUMNS].astype({"value": float})
+        atomic_write(path, rows.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
+
     def save(self, method: str, rows: pd.DataFrame) -> None:
-        rows = rows[ROW_COLUMNS].astype({"value": float}).sort_values(["image_id", "metric"], kind="stable")
-        atomic_write(self.csv_path(method), rows.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
+        self._write(self.csv_path(method), rows[ROW_COLUMNS].sort_values(["image_id", "metric"], kind="stable"))
 
     def shard_path(self, method: str, rank: int) -> Path:
         """Where rank ``rank`` of a multi-process run keeps its new rows of ``method`` until rank 0 merges them."""
@@ -244,34 +257,30 @@ class RowStore:
     def save_shard(self, method: str, rank: int, rows: pd.DataFrame) -> None:
         path = self.shard_path(method, rank)
         path.parent.mkdir(parents=True, exist_ok=True)
-        rows = rows[ROW_COLUMNS].astype({"value": float})
-        atomic_write(path, rows.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
+        self._write(path, rows)
 
     def merge_shards(self, method: str, rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         """``rows`` plus every rank's shard of ``method`` (validated like the main file; damaged images left out,
         to be recomputed), a later row replacing an earlier one of the same (run key, image, metric), and the
         shard files deleted after the caller saved (:meth:`drop_shards`). Returns the rows and the problems."""
         parts, problems = [rows], []
-        for path in sorted((self.dir / ".shards").glob(f"{_safe(method)}.rank*.csv")):
-            try:
-                df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
-                problems.append(f"{path}: unreadable ({type(exc).__name__}: {exc})")
-                continue
-            if list(df.columns) != ROW_COLUMNS:
-                problems.append(f"{path}:1: columns {list(df.columns)}, expected {ROW_COLUMNS}")
-                continue
-            found = validate_rows(df, path, self.valid_range)
+        for path in self.shards(method):
+            found, readable = self._read(path)
             problems += found.problems
-            parts.append(found.rows)
+            if readable:
+                parts.append(found.rows)
         if len(parts) == 1:
             return rows, problems
         merged = pd.concat([p[ROW_COLUMNS].astype({"value": float}) for p in parts], ignore_index=True)
         merged = merged.drop_duplicates(["run_key", "image_id", "metric"], keep="last")
         return merged.reset_index(drop=True), problems
 
+    def shards(self, method: str) -> list[Path]:
+        """The rank shards of ``method`` waiting to be merged (:meth:`shard_path`)."""
+        return sorted((self.dir / ".shards").glob(f"{_safe(method)}.rank*.csv"))
+
     def drop_shards(self, method: str) -> None:
-        for path in (self.dir / ".shards").glob(f"{_safe(method)}.rank*.csv"):
+        for path in self.shards(method):
             path.unlink(missing_ok=True)
 
     def load_meta(self, method: str, *, strict: bool = True) -> dict[str, Any]:
