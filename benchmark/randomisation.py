@@ -110,25 +110,25 @@ def explain_pairs(method: Any, model: nn.Module, images: Tensor, img: Tensor, cl
 
 def randomisation_rows(methods: list[Any], model: nn.Module, images: Tensor, labels: Tensor, image_ids: list[str],
                        batch: Any, seed: int = 0) -> pd.DataFrame:
-    """Per (method, step, image): mean Spearman and SSIM over the image's true classes (see the module)."""
+    """Per (method, step, image): mean Spearman and SSIM over the image's true classes (see the module). Each
+    randomised model is built once and explains for every method."""
     img, cls = _true_pairs(labels)
-    recs = []
-    plan = steps(model)
-    for method in [*methods, NOISE]:
-        name = NOISE if method == NOISE else method.name
-        gen = torch.Generator().manual_seed(seed)
-        base = explain_pairs(method, model, images, img, cls, batch, gen)
-        for mode, label, names in plan:
-            rnd = randomised(model, names, seed)
-            maps = explain_pairs(method, rnd, images, img, cls, batch, gen)
-            rho, s = similarities(base, maps)
+    entries = [*methods, NOISE]
+    names = [NOISE if m == NOISE else m.name for m in entries]
+    gens = {n: torch.Generator().manual_seed(seed) for n in names}  # the noise row's draws, in step order
+    base = {n: explain_pairs(m, model, images, img, cls, batch, gens[n]) for n, m in zip(names, entries, strict=True)}
+    recs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for mode, label, layers in steps(model):
+        rnd = randomised(model, layers, seed)
+        for name, method in zip(names, entries, strict=True):
+            rho, s = similarities(base[name], explain_pairs(method, rnd, images, img, cls, batch, gens[name]))
             for i in sorted(set(img.tolist())):
                 sel = (img == i).numpy()
-                recs.append({"method": name, "mode": mode, "step": label, "layers": len(names),
-                             "image_id": image_ids[i], "spearman": float(np.nanmean(rho[sel])) if
-                             (~np.isnan(rho[sel])).any() else math.nan,
-                             "ssim": float(np.nanmean(s[sel]))})
-    return pd.DataFrame.from_records(recs)
+                recs[name].append({"method": name, "mode": mode, "step": label, "layers": len(layers),
+                                   "image_id": image_ids[i], "spearman": float(np.nanmean(rho[sel])) if
+                                   (~np.isnan(rho[sel])).any() else math.nan,
+                                   "ssim": float(np.nanmean(s[sel]))})
+    return pd.DataFrame.from_records([r for n in names for r in recs[n]])
 
 
 def summarise(rows: pd.DataFrame, resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
