@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from maskbench.core.render import csv_text, escape
-from maskbench.core.stats import LEVEL, bootstrap_weights
+from maskbench.core.stats import bootstrap_weights, column_means, percentile_interval
 from maskbench.core.storage import atomic_write
 from maskbench.metrics.sanity import spearman_rows
 
@@ -144,9 +144,7 @@ def summarise(rows: pd.DataFrame, resamples: int = 1000, seed: int = 0) -> pd.Da
                 recs.append({"method": method, "mode": mode, "step": step, "similarity": col, "value": math.nan,
                              "ci_low": math.nan, "ci_high": math.nan, "images": 0})
                 continue
-            draws = (w[:, ok] @ v[ok]) / np.maximum(w[:, ok].sum(1), 1e-12)
-            a = (1 - LEVEL) / 2
-            lo, hi = np.quantile(draws, [a, 1 - a])
+            lo, hi = percentile_interval(column_means(v[:, None], w)[:, 0])  # a draw of undefined images: NaN
             recs.append({"method": method, "mode": mode, "step": step, "similarity": col, "value": float(v[ok].mean()),
                          "ci_low": float(lo), "ci_high": float(hi), "images": int(ok.sum())})
     return pd.DataFrame.from_records(recs)

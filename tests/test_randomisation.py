@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from maskbench.benchmark import randomisation as rz
@@ -55,3 +56,14 @@ def test_similarities_of_identical_and_reversed_maps():
     rho, _ = rz.similarities(a, 1 - a)
     assert math.isclose(rho[0], -1.0)
     assert np.isnan(rz.similarities(torch.full((1, 8, 8), 0.5), a)[0][0])  # a constant map has no ranking
+
+
+def test_a_resample_of_undefined_images_is_left_out_of_the_interval_never_0():
+    import pandas as pd
+
+    # 1 image of 3 defined, similarity 0.9: about (2/3)^3 = 30% of the draws hold no defined image
+    rows = pd.DataFrame({"method": "m", "mode": "cascading", "step": "top 1", "layers": 1,
+                         "image_id": ["a", "b", "c"], "spearman": [0.9, float("nan"), float("nan")],
+                         "ssim": [0.5, 0.5, 0.5]})
+    s = rz.summarise(rows, resamples=500).set_index("similarity")
+    assert s.loc["spearman", ["value", "ci_low", "ci_high"]].tolist() == pytest.approx([0.9, 0.9, 0.9])
