@@ -184,9 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     sn = sub.add_parser("sanity", help="model-parameter randomisation test (cascading and independent) of the run's "
                         "methods on its first images, with a noise control row (randomisation.csv/.tex)")
     _add_run_args(sn, d)
-    sn.add_argument("--methods", type=_csv_list, default=None,
-                    help="methods (default: the default run's, learned ones left out: not retrained yet)")
+    sn.add_argument("--methods", type=_csv_list, default=None, help="methods (default: the default run's)")
     sn.add_argument("--images", type=int, default=32, help="first N test images (default: %(default)s)")
+    sn.add_argument("--retrain-learned", choices=("auto", "yes", "no"), default="auto",
+                    help="retrain the learned methods against the top-1, fully randomised and permuted-label "
+                         "classifiers (a full training each; auto: yes on the synthetic sets, no elsewhere, where "
+                         "they are then left out)")
+    sn.add_argument("--data-randomisation", choices=("auto", "yes", "no"), default="auto",
+                    help="train the classifier on permuted labels and compare the maps (auto: yes on the synthetic "
+                         "sets)")
     sn.add_argument("--results", dest="results_dir", default=d.results_dir)
 
     pr = sub.add_parser("perf-ranks", help="throughput of 1 and 2 processes under torchrun, one thread each, for EP "
@@ -440,23 +446,45 @@ def _cmd_paper_smoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_sanity(args: argparse.Namespace) -> int:
-    from maskbench.methods import METHODS
+    import copy
+    import dataclasses
 
-    from .randomisation import randomisation_rows, write_randomisation
+    from maskbench.core.storage import write_json
+
+    from .randomisation import permuted_label_classifier, randomisation_rows, write_randomisation
     from .runner import build_methods, prepare
 
     if args.images < 1:
         raise MaskbenchError(f"--images must be positive, got {args.images}.")
-    args.methods = args.methods or [m for m in DEFAULT_METHODS if METHODS.get(m).family != "learned"]
+    synthetic = args.dataset.startswith("synthetic")
+    retrain = args.retrain_learned == "yes" or (args.retrain_learned == "auto" and synthetic)
+    permute = args.data_randomisation == "yes" or (args.data_randomisation == "auto" and synthetic)
+    args.methods = args.methods or list(DEFAULT_METHODS)
     cfg = _config(args, results_dir=args.results_dir)
-    built = [m for m in build_methods(cfg) if m.family != "learned"]
+    built = [m for m in build_methods(cfg) if retrain or m.family != "learned"]
     session = prepare(cfg)
     ctx = session.method_context()
     for m in built:
         m.setup(ctx)
+
+    def retrained(method, model, tag: str):
+        """A copy of ``method`` trained for ``model`` (cached under the randomised classifier's own key)."""
+        out = copy.deepcopy(method)
+        out.setup(dataclasses.replace(ctx, model=model, classifier_key=f"{session.clf_key}/{tag}"))
+        return out
+
+    permuted = None
+    if permute:
+        permuted, info = permuted_label_classifier(
+            cfg.model, session.datasets, session.test.num_classes, session.datasets("train").fingerprint(),
+            session.device, session.cache, cfg.classifier_params, cfg.dataset, cfg.seed, cfg.progress)
+        print(f"permuted-label classifier: training mAP {info['train_map_permuted']:.3f} on the permuted labels, "
+              f"test mAP {info['test_map_true_labels']:.3f} on the true labels ({info['checkpoint']})")
+        write_json(session.run_dir / "sanity" / "permuted_classifier.json", info)
     ids = session.image_ids[: args.images]
     batch = session.load_batch(ids)
-    rows = randomisation_rows(built, session.model, batch.images, batch.labels.cpu(), ids, batch, cfg.seed)
+    rows = randomisation_rows(built, session.model, batch.images, batch.labels.cpu(), ids, batch, cfg.seed,
+                              retrain=retrained if retrain else None, permuted=permuted)
     labels = {m.name: m.display_name() for m in built}
     where = f"{cfg.dataset}, {cfg.model}, first {len(ids)} images, preset {cfg.preset}"
     for path in write_randomisation(session.run_dir, rows, labels, where):

@@ -19,17 +19,30 @@ Control row (Binder et al., "Shortcomings of Top-Down Randomization-Based Sanity
 a map of independent uniform noise drawn anew for every model: it has no information at all and yet "passes"
 (similarity about 0). A low similarity is therefore necessary, not sufficient: the caption says so.
 
+**Learned methods** (the Explainer, RTIS, DGMP) are retrained against the randomised classifier, as a learned
+explainer's maps come from its own network: explaining a randomised classifier with the network trained for the
+trained one would test nothing. A full training per model is expensive, so they are retrained at the first and
+the last cascading step only (top layer; every layer) and for the permuted-label classifier, each with the
+method's own recipe, keyed by the randomised model (cached: a rerun loads them). Their other steps are ``--``.
+The question this answers: does a learned explainer follow the model it was trained for, or segment objects
+whatever the model does?
+
+**Data randomisation** (Adebayo et al., Sec. 3.2): :func:`permuted_label_classifier` trains the classifier's
+architecture on training labels permuted among the images; mode ``data``, step ``permuted labels``.
+
 Deviations: Adebayo et al. also report Spearman of absolute values and HOG similarity; every map of this benchmark
 is already in [0, 1] (the methods' normalisation), so the absolute value changes nothing and only the rank
-correlation and SSIM are reported. Learned methods are not retrained against the randomised models yet (they are
-left out of this test; the issue that asks for it is still open).
+correlation and SSIM are reported.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -37,9 +50,20 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from maskbench.classifiers.base import (
+    build_classifier,
+    class_average_precision,
+    classifier_settings,
+    freeze,
+    predict,
+    recipe_key,
+    train_classifier,
+)
+from maskbench.core.checkpoints import load_checkpoint, save_checkpoint
 from maskbench.core.render import csv_text, escape
 from maskbench.core.stats import bootstrap_weights, column_means, percentile_interval
-from maskbench.core.storage import atomic_write
+from maskbench.core.storage import atomic_write, read_json, stable_hash, write_json
+from maskbench.datasets.base import stack_split
 from maskbench.metrics.sanity import spearman_rows
 
 NOISE = "noise"
@@ -108,27 +132,103 @@ def explain_pairs(method: Any, model: nn.Module, images: Tensor, img: Tensor, cl
     return torch.cat(out)
 
 
+# A learned method is retrained against these cascading steps only (each retraining is a full training): the
+# top layer alone and the whole network (Adebayo et al.'s first and last cascading steps), and the classifier
+# trained on permuted labels.
+RETRAINED_STEPS = ("top", "all")
+DATA_MODE, DATA_STEP = "data", "permuted labels"
+
+Retrain = Callable[[Any, nn.Module, str], Any]  # (set-up method, frozen model, tag) -> the method trained for it
+
+
+def variants(model: nn.Module, seed: int) -> list[tuple[str, str, int, Callable[[], nn.Module], str | None]]:
+    """(mode, step label, randomised layers, model builder, retraining tag or None) of every weight-randomisation
+    step (:func:`steps`); the retraining tag is set at the cascading steps of :data:`RETRAINED_STEPS`."""
+    plan = steps(model)
+    n = len(weight_layers(model))
+    out = []
+    for mode, label, layers in plan:
+        which = "top" if len(layers) == 1 else "all" if len(layers) == n else None
+        tag = f"randomised-{which}-seed{seed}" if mode == "cascading" and which in RETRAINED_STEPS else None
+        out.append((mode, label, len(layers), lambda layers=layers: randomised(model, layers, seed), tag))
+    return out
+
+
 def randomisation_rows(methods: list[Any], model: nn.Module, images: Tensor, labels: Tensor, image_ids: list[str],
-                       batch: Any, seed: int = 0) -> pd.DataFrame:
+                       batch: Any, seed: int = 0, retrain: Retrain | None = None,
+                       permuted: nn.Module | None = None) -> pd.DataFrame:
     """Per (method, step, image): mean Spearman and SSIM over the image's true classes (see the module). Each
-    randomised model is built once and explains for every method."""
+    randomised model is built once and explains for every method.
+
+    Learned methods (``family == "learned"``) are explained only where they can be retrained: with ``retrain``
+    given, at the tagged steps of :func:`variants` (and against ``permuted``); without it they are left out.
+    ``permuted``: the classifier trained on permuted labels (data randomisation), one more step (mode ``data``).
+    """
     img, cls = _true_pairs(labels)
-    entries = [*methods, NOISE]
+    learned = {m.name for m in methods if m != NOISE and getattr(m, "family", "") == "learned"}
+    entries = [m for m in methods if retrain is not None or getattr(m, "name", "") not in learned] + [NOISE]
     names = [NOISE if m == NOISE else m.name for m in entries]
     gens = {n: torch.Generator().manual_seed(seed) for n in names}  # the noise row's draws, in step order
     base = {n: explain_pairs(m, model, images, img, cls, batch, gens[n]) for n, m in zip(names, entries, strict=True)}
     recs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-    for mode, label, layers in steps(model):
-        rnd = randomised(model, layers, seed)
+    plan = variants(model, seed)
+    if permuted is not None:
+        plan.append((DATA_MODE, DATA_STEP, 0, lambda: permuted, "permuted-labels"))
+    for mode, label, n_layers, build, tag in plan:
+        rnd = build()
         for name, method in zip(names, entries, strict=True):
+            if name in learned:
+                if tag is None:
+                    continue
+                assert retrain is not None
+                method = retrain(method, rnd, tag)
             rho, s = similarities(base[name], explain_pairs(method, rnd, images, img, cls, batch, gens[name]))
             for i in sorted(set(img.tolist())):
                 sel = (img == i).numpy()
-                recs[name].append({"method": name, "mode": mode, "step": label, "layers": len(layers),
+                recs[name].append({"method": name, "mode": mode, "step": label, "layers": n_layers,
                                    "image_id": image_ids[i], "spearman": float(np.nanmean(rho[sel])) if
                                    (~np.isnan(rho[sel])).any() else math.nan,
                                    "ssim": float(np.nanmean(s[sel]))})
     return pd.DataFrame.from_records([r for n in names for r in recs[n]])
+
+
+def permuted_label_classifier(name: str, datasets: Callable[[str], Any], num_classes: int, data_key: str,
+                              device: torch.device, cache_dir: Path, params: dict[str, Any] | None = None,
+                              dataset: str | None = None, seed: int = 0, progress: bool = True
+                              ) -> tuple[nn.Module, dict[str, Any]]:
+    """Adebayo et al.'s data randomisation test (Sec. 3.2): the run's classifier architecture trained on the
+    training split with its label vectors permuted among the images (seeded), cached like any classifier.
+
+    The recipe is the classifier's own (:func:`~maskbench.classifiers.base.classifier_settings`) with two changes,
+    because the aim is to memorise labels that carry no information, as Adebayo et al. trained to high training
+    accuracy: no horizontal flips, and model selection on the (permuted) training split itself, over every epoch
+    (no early stop). The record holds the training mAP reached (memorisation) and the test mAP on the true
+    labels (chance level if the permutation removed the signal)."""
+    recipe, build = classifier_settings(name, params, dataset)
+    recipe = replace(recipe, hflip=False, patience=recipe.epochs)
+    key = stable_hash({"model": name, "recipe": recipe_key(recipe), "data": data_key, "permuted_labels": seed,
+                       **({"build": build} if build else {})})
+    path = cache_dir / "classifiers" / f"{name}-permuted-{key}.pt"
+    model = build_classifier(name, num_classes, **build)
+    if path.is_file() and path.with_suffix(".json").is_file():
+        model.load_state_dict(load_checkpoint(path, device))
+        info = read_json(path.with_suffix(".json"))
+    else:
+        x, y = stack_split(datasets("train"))
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+        shuffled = SimpleNamespace(images=x, labels=y[perm])
+        info = train_classifier(model, shuffled, shuffled, recipe, device, progress)
+        freeze(model)
+        x_test, y_test = stack_split(datasets("test"))
+        info = {"recipe": asdict(recipe), "permutation_seed": seed,
+                "train_map_permuted": info["val_map"], "best_epoch": info["best_epoch"],
+                "train_seconds": info["train_seconds"],
+                "test_map_true_labels": round(float(class_average_precision(
+                    predict(model, x_test, device), y_test).nanmean()), 5)}
+        save_checkpoint(path, model.state_dict())
+        write_json(path.with_suffix(".json"), info)
+    model.to(device)
+    return freeze(model), {**info, "checkpoint": str(path)}
 
 
 def summarise(rows: pd.DataFrame, resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
@@ -151,23 +251,30 @@ def summarise(rows: pd.DataFrame, resamples: int = 1000, seed: int = 0) -> pd.Da
 
 
 def _latex(summary: pd.DataFrame, labels: dict[str, str], where: str) -> str:
-    casc = summary[(summary["mode"] == "cascading") & (summary["similarity"] == "spearman")]
+    spear = summary[summary["similarity"] == "spearman"]
+    casc = spear[spear["mode"] == "cascading"]
     stepnames = list(dict.fromkeys(casc["step"]))
-    methods = list(dict.fromkeys(casc["method"]))
-    cell = {(r.method, r.step): r for r in casc.itertuples()}
-    cols = "l" + "r" * len(stepnames)
+    data = spear[spear["mode"] == DATA_MODE]
+    methods = list(dict.fromkeys(spear["method"]))
+    cell = {(r.method, r.step): r for r in spear.itertuples()}
+    heads = [f"top {k + 1}" for k in range(len(stepnames))] + (["perm."] if len(data) else [])
+    columns = stepnames + ([DATA_STEP] if len(data) else [])
+    cols = "l" + "r" * len(columns)
     lines = [r"\begin{table}[t]", r"\centering",
-             rf"\caption{{Cascading model-parameter randomisation ({where}; Adebayo et al., 2018): Spearman "
+             rf"\caption{{Model-parameter and data randomisation ({where}; Adebayo et al., 2018): Spearman "
              r"correlation between each method's maps on the trained classifier and on the classifier with its "
-             r"top $k$ weight layers re-initialised (95\% bootstrap intervals over images in randomisation.csv, "
-             r"with SSIM and the independent randomisation of each layer). Low is what a model-dependent method "
-             r"shows; but the noise control row, which carries no information at all, is low too (Binder et al., "
-             r"2023): passing is necessary, not sufficient.}", r"\label{tab:randomisation}",
+             r"top $k$ weight layers re-initialised (cascading)"
+             + (r", and on the classifier trained on permuted labels (perm.)" if len(data) else "")
+             + r". Learned methods are retrained against the top-1, the fully randomised and the permuted-label "
+             r"classifiers only (-- elsewhere). 95\% bootstrap intervals over images, SSIM and the independent "
+             r"randomisation of each layer in randomisation.csv. Low is what a model-dependent method shows; but "
+             r"the noise control row, which carries no information at all, is low too (Binder et al., 2023): "
+             r"passing is necessary, not sufficient.}", r"\label{tab:randomisation}",
              rf"\begin{{tabular}}{{{cols}}}", r"\toprule",
-             " & ".join(["Method", *[f"top {k + 1}" for k in range(len(stepnames))]]) + r" \\", r"\midrule"]
+             " & ".join(["Method", *heads]) + r" \\", r"\midrule"]
     for m in methods:
         vals = []
-        for st in stepnames:
+        for st in columns:
             r = cell.get((m, st))
             vals.append("--" if r is None or math.isnan(r.value) else f"{r.value:.2f}")
         lines.append(" & ".join([escape(labels.get(m, m)), *vals]) + r" \\")

@@ -60,3 +60,35 @@ def test_spearman_rows_equals_scipy():
     got = spearman_rows(a, b)
     for r in range(4):
         assert math.isclose(got[r], spearmanr(a[r], b[r]).statistic, rel_tol=1e-9)
+
+
+def _ssim_score(masks, classes, batch):
+    return METRICS.get("randomlogit_ssim").fn(MetricInputs(None, batch.images, masks, classes, batch))
+
+
+def test_random_logit_ssim_is_1_for_one_map_per_image_and_matches_torchmetrics_on_the_drawn_class():
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    batch = collate([Sample(torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(i)), torch.tensor(lab),
+                            str(i)) for i, lab in enumerate([[1.0, 0, 0, 0], [0.0, 1, 1, 0]])])
+    classes = torch.arange(4).expand(2, 4)
+    ramp = torch.linspace(0, 1, 256).view(16, 16)
+    assert torch.allclose(_ssim_score(ramp.expand(2, 4, 16, 16).clone(), classes, batch), torch.ones(2), atol=1e-5)
+    masks = torch.rand(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    got = _ssim_score(masks, classes, batch)
+    rho = _score(masks, classes, batch)  # the same drawn class c' for both similarities: find it through Spearman
+    for i, true in [(0, [0]), (1, [1, 2])]:
+        per_class = []
+        for c in true:
+            cands = [o for o in range(4) if o not in true]
+            rhos = [spearman_rows(masks[i, c].reshape(1, -1).numpy(), masks[i, o].reshape(1, -1).numpy())[0]
+                    for o in cands]
+            per_class.append((c, cands, rhos))
+        if len(true) == 1:
+            c, cands, rhos = per_class[0]
+            other = cands[int(np.argmin([abs(r - rho[i].item()) for r in rhos]))]
+            want = ssim(masks[i, c][None, None], masks[i, other][None, None], data_range=1.0)
+            assert math.isclose(got[i].item(), want.item(), rel_tol=1e-5, abs_tol=1e-6)
+        else:
+            assert -1.0 <= got[i].item() <= 1.0 and not math.isnan(got[i].item())
+    assert got[0].item() < 0.5  # independent noise maps are not similar

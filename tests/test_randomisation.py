@@ -1,8 +1,11 @@
 """Model-parameter randomisation (benchmark/randomisation.py) on cases whose answers are known by construction."""
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -67,3 +70,75 @@ def test_a_resample_of_undefined_images_is_left_out_of_the_interval_never_0():
                          "ssim": [0.5, 0.5, 0.5]})
     s = rz.summarise(rows, resamples=500).set_index("similarity")
     assert s.loc["spearman", ["value", "ci_low", "ci_high"]].tolist() == pytest.approx([0.9, 0.9, 0.9])
+
+
+class _FollowsItsModel:
+    """A stand-in learned method: its maps are the input gradient of the model it was trained for (``trained``)."""
+
+    family, uses_ground_truth = "learned", False
+
+    def __init__(self, name, trained=None, blind=False):
+        self.name, self.trained, self.blind = name, trained, blind
+
+    def explain(self, model, images, classes, batch=None):
+        if self.blind:  # segments "objects" whatever the model: a fixed function of the image
+            return images.mean(1, keepdim=True).expand(-1, classes.shape[1], -1, -1).clamp(0, 1)
+        x = images.clone().requires_grad_(True)
+        logits = self.trained(x)
+        grads = [torch.autograd.grad(logits[:, c].sum(), x, retain_graph=True)[0].abs().amax(1)
+                 for c in range(logits.shape[1])]
+        g = torch.stack(grads, 1)
+        g = torch.gather(g, 1, classes[:, :, None, None].expand(-1, -1, *g.shape[-2:]))
+        return g / g.flatten(2).amax(2).clamp_min(1e-12)[:, :, None, None]
+
+
+def test_learned_methods_are_retrained_at_the_top_all_and_permuted_steps_only():
+    model = _model()
+    torch.manual_seed(5)
+    permuted = freeze(SmallCNN(3))
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1]])
+    calls = []
+
+    def retrain(method, rnd, tag):
+        calls.append((method.name, tag))
+        return _FollowsItsModel(method.name, rnd, method.blind)
+
+    methods = [_FollowsItsModel("follows", model), _FollowsItsModel("blind", model, blind=True)]
+    rows = rz.randomisation_rows(methods, model, images, labels, ["a", "b", "c"], None, retrain=retrain,
+                                 permuted=permuted)
+    n = len(rz.weight_layers(model))
+    tags = ["randomised-top-seed0", "randomised-all-seed0", "permuted-labels"]
+    assert calls == [(m, t) for t in tags for m in ("follows", "blind")]  # once per method and retrained model
+    learned = rows[rows["method"] == "follows"]
+    assert sorted(set(zip(learned["mode"], learned["layers"], strict=True))) == [("cascading", 1), ("cascading", n),
+                                                                                ("data", 0)]
+    by = rows.groupby(["method", "mode", "layers"])["spearman"].mean()
+    assert by[("blind", "cascading", n)] == 1.0 and by[("blind", "data", 0)] == 1.0  # model-blind: never changes
+    assert by[("follows", "cascading", n)] < 0.9 and by[("follows", "data", 0)] < 0.9
+    # every non-learned method has every step and the permuted one; without ``retrain`` learned ones are left out
+    assert len(rows[rows["method"] == "noise"]) == 3 * (2 * n + 1)
+    assert set(rz.randomisation_rows(methods, model, images, labels, ["a", "b", "c"], None)["method"]) == {"noise"}
+
+
+def test_sanity_command_retrains_learned_methods_and_trains_a_permuted_label_classifier(tmp_path_factory, tmp_path):
+    from mb_testutils import tiny_synthetic
+
+    from maskbench.benchmark.cli import main
+
+    root = tiny_synthetic(tmp_path_factory, n_test=8, seed=4)
+    plugin = str(Path(__file__).parent / "plugins" / "tiny_learned.py")
+    code = main(["sanity", "--data-root", str(root), "--cache", str(tmp_path / "cache"), "--results",
+                 str(tmp_path / "results"), "--methods", "gradient,test-tiny-learned", "--plugin", plugin,
+                 "--images", "4", "--no-progress"])
+    assert code == 0
+    run = next((tmp_path / "results").glob("synthetic/*"))
+    rows = pd.read_csv(run / "sanity" / "randomisation_rows.csv")
+    tiny = rows[rows["method"] == "test-tiny-learned"]
+    assert set(tiny["mode"]) == {"cascading", "data"} and tiny["layers"].nunique() == 3
+    assert set(rows[rows["method"] == "gradient"]["mode"]) == {"cascading", "independent", "data"}
+    info = json.loads((run / "sanity" / "permuted_classifier.json").read_text())
+    assert 0.0 <= info["test_map_true_labels"] <= 1.0 and info["recipe"]["hflip"] is False
+    assert (run / "randomisation.tex").read_text().count("perm.") == 2  # the column and the caption
+    learned_ckpts = list((tmp_path / "cache" / "learned").glob("test-tiny-learned-*.pt"))
+    assert len(learned_ckpts) == 4  # trained for the classifier, its top-1 and fully randomised copies, permuted
