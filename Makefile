@@ -13,7 +13,7 @@ else
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: venv bench download test tables verify perf perf-threads paper-smoke lint clean-venv
+.PHONY: venv bench download test tables verify perf perf-threads paper-smoke sanity lint clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,15 @@ perf-threads: venv
 # every method at its paper preset (capped) on the three published settings; its numbers mean nothing
 paper-smoke: venv
 	$(PY) -m maskbench.benchmark paper-smoke --out build/paper-smoke $(ARGS)
+
+# sanity: the checks that do not fit the default run (after `make bench`, reusing its masks): ROAD, model and data
+# randomisation with the learned methods retrained, class leakage through the removal masks, and the
+# guaranteed-ground-truth grid run
+sanity: venv
+	$(PY) -m maskbench.benchmark bench --dataset $(DATASET) --extra-metrics road $(ARGS)
+	$(PY) -m maskbench.benchmark sanity --dataset $(DATASET) $(ARGS)
+	$(PY) -m maskbench.benchmark leakage --dataset $(DATASET) $(ARGS)
+	$(PY) -m maskbench.benchmark bench --dataset synthetic-grid $(ARGS)
 
 lint: venv
 	$(PY) -m ruff check .

@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--table-classes", type=_csv_list, default=None,
                    help="classes explained for every image (default: the data set's table classes)")
     b.add_argument("--no-resume", dest="resume", action="store_false", help="recompute rows already stored")
+    b.add_argument("--extra-metrics", type=_csv_list, default=[], metavar="NAME,...",
+                   help="optional metrics to score too, by metric or table name (e.g. road: ROAD MoRF/LeRF, too "
+                   "slow for the default run); the run's folder is the same, its stored rows and cached masks are "
+                   "reused")
     b.add_argument("--run-name", default=None,
                    help="results folder <results>/<dataset>/<NAME> (default: named after the run, e.g. smallcnn "
                    "for the default run, smallcnn-limit50 for --limit 50)")
@@ -194,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train the classifier on permuted labels and compare the maps (auto: yes on the synthetic "
                          "sets)")
     sn.add_argument("--results", dest="results_dir", default=d.results_dir)
+
+    lk = sub.add_parser("leakage", help="class leakage through MoRF removal masks, from the mask alone and through "
+                        "each substrate (leakage.csv/.tex); reads a finished run's cached masks, runs no classifier")
+    _add_run_args(lk, d)
+    lk.add_argument("--methods", type=_csv_list, default=list(DEFAULT_METHODS))
+    lk.add_argument("--limit", type=int, default=None, help="the run's --limit (first N test images)")
+    lk.add_argument("--results", dest="results_dir", default=d.results_dir)
 
     pr = sub.add_parser("perf-ranks", help="throughput of 1 and 2 processes under torchrun, one thread each, for EP "
                         "and the Explainer's training (results/perf/scaling-ranks.csv)")
@@ -279,7 +290,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     rank = _join_torchrun(args, Path(args.results_dir) / "logs")
     cfg = _config(args, split=args.split, limit=args.limit, batch_size=args.batch_size,
                   results_dir=args.results_dir, table_classes=args.table_classes, resume=args.resume,
-                  run_name=args.run_name, overwrite=args.overwrite)
+                  run_name=args.run_name, overwrite=args.overwrite, extra_metrics=args.extra_metrics)
     try:
         result = run(cfg)
     finally:
@@ -492,6 +503,34 @@ def _cmd_sanity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_leakage(args: argparse.Namespace) -> int:
+    from .leakage import leakage_rows, write_leakage
+    from .runner import build_methods, method_masks, prepare
+
+    cfg = _config(args, results_dir=args.results_dir, limit=args.limit)
+    methods = build_methods(cfg)
+    session = prepare(cfg)
+    ids = session.image_ids
+    maps: dict[str, dict] = {}
+    for m in methods:
+        cache = method_masks(session, m)
+        found = {iid: cache.get(iid) for iid in ids}
+        missing = [iid for iid, v in found.items() if v is None]
+        if missing:
+            raise MaskbenchError(f"leakage: {m.name} has no cached masks for {len(missing)} of the {len(ids)} images "
+                                 f"(e.g. {missing[0]}) under {cache.root}; run `maskbench bench` with the same "
+                                 f"options first.")
+        maps[m.name] = found
+    batch = session.load_batch(ids)
+    labels = {iid: batch.labels[i].cpu() for i, iid in enumerate(ids)}
+    rows, detection = leakage_rows(maps, batch.images.cpu(), labels, ids, session.test.num_classes, cfg.seed,
+                                   progress=(lambda msg: print(msg, file=sys.stderr)) if cfg.progress else None)
+    where = f"{cfg.dataset}, {cfg.model}, {len(ids)} images, preset {cfg.preset}"
+    for path in write_leakage(session.run_dir, rows, detection, {m.name: m.display_name() for m in methods}, where):
+        print(path)
+    return 0
+
+
 def _cmd_perf(args: argparse.Namespace) -> int:
     from .perf import PerfConfig, run_perf
 
@@ -537,6 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_perf(args)
         if args.command == "paper-smoke":
             return _cmd_paper_smoke(args)
+        if args.command == "leakage":
+            return _cmd_leakage(args)
         if args.command == "sanity":
             return _cmd_sanity(args)
         if args.command == "perf-ranks":

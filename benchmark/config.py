@@ -44,7 +44,7 @@ PRESETS = ("fast", "paper")
 
 # The classifier explained by default on each data set.
 DEFAULT_MODELS = {"synthetic": "smallcnn", "synthetic-coco": "smallcnn", "voc": "vgg16", "coco": "vgg16",
-                  "imagenet": "resnet50"}
+                  "imagenet": "resnet50", "synthetic-grid": "grid-smallcnn"}
 
 # Classes every image is explained for besides its own (the class-specific masking table's targets).
 DEFAULT_TABLE_CLASSES: dict[str, list[str] | str] = {
@@ -53,6 +53,9 @@ DEFAULT_TABLE_CLASSES: dict[str, list[str] | str] = {
     "voc": ["bottle", "car", "cat", "dog", "person"],
     "coco": ["bottle", "car", "cat", "dog", "person"],
     "imagenet": [],  # single-label: each image is explained for its class (the distribution-guided paper)
+    # 2x2 grid, 24 classes "<cell>:<class>": two classes in every cell, so the class table's off-diagonal holds the
+    # same class in another cell (which the disconnected classifier cannot see) as well as another class
+    "synthetic-grid": [f"{cell}:{c}" for c in ("disc", "square") for cell in ("tl", "tr", "bl", "br")],
 }
 
 
@@ -81,6 +84,7 @@ class RunConfig:
     run_name: str | None = None  # the results folder <results>/<dataset>/<run_name>; None: named after the run
     train_classifier: bool = False  # train a new classifier even where a shipped or cached one fits
     overwrite: bool = False  # a named folder holding another run is replaced instead of refused
+    extra_metrics: list[str] = field(default_factory=list)  # optional metrics (or their tables) to score too
     threads: str = "auto"  # torch intra-op threads: auto (the idle cores at start, see threads.py) or a number
 
     def __post_init__(self) -> None:

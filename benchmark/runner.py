@@ -40,7 +40,7 @@ from maskbench.core.storage import cache_root, stable_hash, write_json
 from maskbench.core.store import COMPLETE, MaskCache, RowStore, rows_from_values, with_markers
 from maskbench.datasets import DATASETS, AttributionDataset, Batch, build_dataset, collate
 from maskbench.methods import METHODS, AttributionMethod, MethodContext, build_method, check_masks
-from maskbench.metrics import METRICS, MetricInputs, MetricSpec, value_range
+from maskbench.metrics import MetricInputs, MetricSpec, select_metrics, value_range
 
 from . import distributed as mdist
 from .config import RunConfig
@@ -150,8 +150,7 @@ class _MethodRun:
                                     "data": session.data_key})
         self.metric_keys = {n: stable_hash({"masks": self.run_key, "metric": n, "version": spec.version})
                             for n, spec in session.metric_specs.items()}
-        self.masks = MaskCache(session.cache / "masks" / session.data_key / session.clf_key
-                               / f"{self.name}-{self.cache_key}")
+        self.masks = method_masks(session, method, self.cache_key)
         if self.rank == 0 and (session.store.shards(self.name) or self.masks.rank_timing_files()):
             # what an interrupted multi-process run left: its ranks' rows and compute times
             self._merge_ranks(session.store.check(self.name).rows)
@@ -434,6 +433,14 @@ class _MethodRun:
         total.shares = [p["share"] for p in parts]
 
 
+def method_masks(session: _Session, method: AttributionMethod, cache_key: str | None = None) -> MaskCache:
+    """The cache of ``method``'s masks on the session's data and classifier (``cache_key``: the method's, when
+    already computed)."""
+    key = cache_key or method.cache_key()
+    return MaskCache(session.cache / "masks" / session.data_key / session.clf_key
+                     / f"{stored_name(method, session.config.preset)}-{key}")
+
+
 def stored_name(method: AttributionMethod, run_preset: str) -> str:
     """The name a method's rows are stored and tabled under: its registered name, plus ``.preset`` when it
     runs at another preset than the run's (``rise.paper`` beside ``rise`` in a ``fast`` run)."""
@@ -471,6 +478,7 @@ def build_methods(config: RunConfig) -> list[AttributionMethod]:
     """Import the plugins, then build every requested method (fails fast on a bad name, preset or parameter)."""
     for plugin in config.plugins:
         import_plugin(plugin)
+    select_metrics(config.dataset, config.extra_metrics)  # a bad --extra-metrics name fails before any work
 
     overrides = method_overrides(config.methods, config.method_params)
     setting = f"{config.model}-{config.dataset}"  # a published setting's values at the paper preset
@@ -525,7 +533,7 @@ def prepare(config: RunConfig) -> _Session:
         run_dir = locate_run_dir(config.run_dir(clf_sha), identity)
     session = _Session(
         config, datasets, test, image_ids, extra, model, device, cache, RowStore(run_dir, value_range),
-        {name: METRICS.get(name) for name in METRICS.list()}, data_key, clf_sha,
+        select_metrics(config.dataset, config.extra_metrics), data_key, clf_sha,
     )
     session.run_dir = run_dir
     session.identity = identity

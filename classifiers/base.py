@@ -216,6 +216,9 @@ class ClassifierSpec:
     description: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     dataset_recipes: dict[str, dict[str, Any]] = field(default_factory=dict)  # per data set: recipe fields changed
+    # a classifier made from another one's checkpoint (``grid-smallcnn``): replaces :func:`get_classifier`'s lookup
+    # and training; called with get_classifier's arguments (``name`` first), returns (frozen model, manifest info)
+    load: Callable[..., tuple[Classifier, dict[str, Any]]] | None = None
 
 
 def _register(spec: ClassifierSpec) -> None:
@@ -449,6 +452,9 @@ def get_classifier(
     part of the cache key.
     """
     spec: ClassifierSpec = CLASSIFIERS.get(name)
+    if spec.load is not None:  # built from another classifier's checkpoint: its own lookup
+        return spec.load(name, datasets, dataset_key, num_classes, device, cache_dir, checkpoint, progress,
+                         train_new, params, dataset)
     recipe, build = classifier_settings(name, params, dataset)
     info: dict[str, Any] = {"model": name, "recipe": asdict(recipe), **({"build": build} if build else {})}
     if checkpoint is not None:

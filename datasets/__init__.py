@@ -1,7 +1,8 @@
 """maskbench.datasets: loaders for PASCAL VOC, COCO, ImageNet and the embedded synthetic data set.
 
-Importing this package registers the builders ``voc``, ``coco``, ``imagenet``, ``synthetic`` and ``synthetic-coco`` in
-:data:`DATASETS`; :func:`build_dataset` builds one by name.
+Importing this package registers the builders ``voc``, ``coco``, ``imagenet``, ``synthetic``, ``synthetic-coco``
+and ``synthetic-grid`` (2 x 2 grids of synthetic scenes, :mod:`maskbench.datasets.grid`) in :data:`DATASETS`;
+:func:`build_dataset` builds one by name.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Any
 
 from .base import DATASETS, AttributionDataset, Batch, Sample, collate
 from .coco import COCODataset
+from .grid import GridDataset
 from .imagenet import ImageNetDataset
 from .synthetic import SYNTHETIC_CLASSES, SyntheticCOCODataset, SyntheticDataset, generate_synthetic
 from .voc import VOC_CLASSES, VOCDataset
@@ -27,6 +29,7 @@ __all__ = [
     "AttributionDataset",
     "Batch",
     "COCODataset",
+    "GridDataset",
     "ImageNetDataset",
     "Sample",
     "SyntheticCOCODataset",

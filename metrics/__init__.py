@@ -1,7 +1,7 @@
 """maskbench.metrics: per-image metrics behind one registry (``METRICS``), each with its polarity, and the
 tables they declare (``TABLES``)."""
 
-from . import class_table, faithfulness, localisation, masked_classifier, sanity, segmentation  # noqa: F401
+from . import class_table, faithfulness, grid, localisation, masked_classifier, road, sanity, segmentation  # noqa: F401
 from .base import (
     METRICS,
     TABLES,
@@ -13,6 +13,7 @@ from .base import (
     metric_statistic,
     register_metric,
     register_table,
+    select_metrics,
     table_specs,
     true_class_slots,
     value_range,
@@ -20,5 +21,6 @@ from .base import (
 from .localisation import box_union_masks
 
 __all__ = ["METRICS", "TABLES", "MetricInputs", "MetricSpec", "TableInputs", "TableSpec", "box_union_masks",
-           "merge_true_class_masks", "metric_statistic", "register_metric", "register_table", "table_specs",
+           "merge_true_class_masks", "metric_statistic", "register_metric", "register_table", "select_metrics",
+           "table_specs",
            "true_class_slots", "value_range"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from maskbench.core.errors import MaskbenchError
+from maskbench.core.errors import MaskbenchError, UnknownNameError
 from maskbench.core.registry import Registry
 from maskbench.core.stats import Statistic, mean_of
 
@@ -53,6 +53,29 @@ class MetricSpec:
     description: str = ""
     valid_range: tuple[float, float] = (-math.inf, math.inf)  # every stored value of the metric lies in it
     diagnostics: tuple[tuple[str, str], ...] = ()  # (diagnostics.csv column, stored cell summed over images)
+    # registered data set name -> whether a run on it scores the metric; None: every data set
+    applies_to: Callable[[str], bool] | None = None
+    # scored only when a run asks for it (``bench --extra-metrics NAME``): too slow for the default run
+    optional: bool = False
+
+    def applies(self, dataset: str) -> bool:
+        """Whether a run on ``dataset`` (a registered data set name) scores this metric."""
+        return self.applies_to is None or bool(self.applies_to(dataset))
+
+
+def select_metrics(dataset: str, extra: Sequence[str] = ()) -> dict[str, MetricSpec]:
+    """The metrics a run on ``dataset`` scores: every registered one that applies to it and is not optional,
+    plus the optional ones named in ``extra`` (a metric's name, or its table's name for all of that table's
+    optional metrics, e.g. ``road``). An unknown name raises :class:`UnknownNameError` listing the choices."""
+    specs = {n: METRICS.get(n) for n in METRICS.list()}
+    optional = {n: s for n, s in specs.items() if s.optional}
+    chosen: set[str] = set()
+    for name in extra:
+        hits = [n for n, s in optional.items() if name in (n, s.table)]
+        if not hits:
+            raise UnknownNameError("optional metric", name, set(optional) | {s.table for s in optional.values()})
+        chosen.update(hits)
+    return {n: s for n, s in specs.items() if s.applies(dataset) and (not s.optional or n in chosen)}
 
 
 def _adopt_entry_point(name: str, obj: Any) -> MetricSpec:
@@ -82,16 +105,21 @@ def value_range(metric: str) -> tuple[float, float]:
 def register_metric(
     name: str, *, higher_is_better: bool, table: str, label: str | None = None, version: str = "1",
     valid_range: tuple[float, float] = (-math.inf, math.inf), diagnostics: dict[str, str] | None = None,
+    applies_to: Callable[[str], bool] | None = None, optional: bool = False,
 ) -> Callable[[Callable[[MetricInputs], Tensor]], Callable[[MetricInputs], Tensor]]:
     """Register a metric. ``valid_range`` bounds every value it can store (also the cells of a dict metric):
     stored rows outside it are damaged, and are recomputed by ``bench`` and refused by ``tables``.
     ``diagnostics`` maps a column of ``diagnostics.csv`` to a stored count cell (``"pointing/constant"``)
-    whose sum over a method's images it shows."""
+    whose sum over a method's images it shows. ``applies_to(dataset name)``: the data sets on which a run scores
+    the metric (None: all); on the others it stores no row and its table is not written (e.g. the grid's
+    localisation, meaningful only where the ground truth is guaranteed). ``optional``: scored only when a run
+    names it (or its table) in ``--extra-metrics``, for metrics too slow for the default run (ROAD)."""
 
     def wrapper(fn: Callable[[MetricInputs], Tensor]) -> Callable[[MetricInputs], Tensor]:
         doc = (fn.__doc__ or "").strip().splitlines()
         spec = MetricSpec(name, fn, higher_is_better, table, label or name, version, doc[0] if doc else "",
-                          (float(valid_range[0]), float(valid_range[1])), tuple((diagnostics or {}).items()))
+                          (float(valid_range[0]), float(valid_range[1])), tuple((diagnostics or {}).items()),
+                          applies_to, optional)
         METRICS.register(name, spec, origin=fn.__module__)
         return fn
 

@@ -25,12 +25,19 @@ CPU = torch.device("cpu")
 CONTRACT_CLASSIFIERS = CLASSIFIERS.list()
 # options that keep a build offline (build_classifier passes them to the architecture)
 OFFLINE = {"vgg16": {"pretrained_backbone": False}, "resnet50": {"pretrained_backbone": False}}
+FROM_SCRATCH = {"smallcnn", "grid-smallcnn"}  # no pretrained weights at all (grid-smallcnn: smallcnn per grid cell)
+# outputs of each classifier in these tests: grid-smallcnn has 4 cells x C (its head, per cell, has C rows)
+CLASS_COUNTS = {"grid-smallcnn": 4 * C}
+
+
+def classes_of(name: str) -> int:
+    return CLASS_COUNTS.get(name, C)
 
 
 def build(name: str, seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_classifier(name, C, **OFFLINE.get(name, {}))
+        model = build_classifier(name, classes_of(name), **OFFLINE.get(name, {}))
         for m in model.modules():  # non-default BatchNorm statistics, so the buffers are part of the round trip
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.running_mean.uniform_(-0.1, 0.1)
@@ -49,10 +56,11 @@ def built(request):
 
 
 def test_torchvision_classifiers_are_built_offline_here():
-    """Every registered classifier except the from-scratch SmallCNN takes ``pretrained_backbone``: a new one must
-    be added to OFFLINE (or the contract below would try to download its weights)."""
+    """Every registered classifier except the from-scratch ones (SmallCNN, and grid-smallcnn built of it) takes
+    ``pretrained_backbone``: a new one must be added to OFFLINE (or the contract below would try to download its
+    weights)."""
     for name in CONTRACT_CLASSIFIERS:
-        if name != "smallcnn":
+        if name not in FROM_SCRATCH:
             assert name in OFFLINE, f"add the offline build option of {name!r} to OFFLINE"
 
 
@@ -61,9 +69,9 @@ def test_logits_shape_and_dtype(built):
     model.eval()
     with torch.no_grad():
         out = model(images(3))
-    assert out.shape == (3, C) and out.dtype == torch.float32, (name, out.shape, out.dtype)
+    assert out.shape == (3, classes_of(name)) and out.dtype == torch.float32, (name, out.shape, out.dtype)
     assert torch.isfinite(out).all()
-    assert getattr(model, "num_classes", C) == C
+    assert getattr(model, "num_classes", classes_of(name)) == classes_of(name)
     assert not torch.equal(out[0], out[1])  # depends on the input
 
 

@@ -41,10 +41,18 @@ def _synthetic(root: Path) -> Path:
     return generate_synthetic(root / "synthetic", n_train=3, n_val=2, n_test=4, image_size=SIZE, seed=3)
 
 
+def _grid_scenes(root: Path) -> Path:
+    """Scenes for ``synthetic-grid``: enough per split for grids of four scenes with pairwise disjoint classes
+    (read at SIZE / 2, so that the grids are SIZE px)."""
+    return generate_synthetic(root / "scenes", n_train=16, n_val=16, n_test=24, image_size=SIZE, seed=3)
+
+
 FIXTURES: dict[str, Fixture] = {
     # the generator writes ImageSets lists for train / val / test / trainval, COCO json files for train / val / test
     "synthetic": Fixture(_synthetic, ("train", "val", "test", "trainval"), "test"),
     "synthetic-coco": Fixture(_synthetic, ("train", "val", "test"), "test"),
+    # 2x2 grids of the synthetic scenes at SIZE / 2 px (the splits and the trainval union of synthetic)
+    "synthetic-grid": Fixture(_grid_scenes, ("train", "val", "test", "trainval"), "test", {"image_size": SIZE}),
     # the Main list: three images, one without segmentation (has_seg False); resized from 48 x 32 / 40 x 40
     "voc": Fixture(write_voc_fixture, ("test",), "test", {"image_size": SIZE, "segmentation_only": False}),
     "coco": Fixture(write_coco_fixture, ("val",), "val", {"image_size": SIZE}),
