@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from maskbench.core.images import gaussian_blur, scaled_sigma
 from maskbench.core.render import csv_text, escape
 from maskbench.core.stats import bootstrap_weights, column_means, percentile_interval
-from maskbench.core.storage import atomic_write
+from maskbench.core.storage import atomic_write, read_json, write_json
 from maskbench.metrics.faithfulness import MF_SIGMA_224, MF_TRUNCATE, PADDING, reveal_fractions, tie_seed
 from maskbench.metrics.road import NOISE_STD, linear_imputation
 
@@ -285,12 +285,27 @@ def _latex(summary: pd.DataFrame, detection: pd.DataFrame, labels: dict[str, str
 
 
 def write_leakage(run_dir: Path, rows: pd.DataFrame, detection: pd.DataFrame, labels: dict[str, str],
-                  where: str) -> list[Path]:
-    """``sanity/leakage_rows.csv`` (per image), ``leakage.csv`` (summary, detector AUROC rows with probe
-    ``detector``) and ``leakage.tex``."""
-    summary = summarise(rows)
-    det = detection.rename(columns={"substrate": "probe", "auroc": "accuracy"}).assign(method="detector")
+                  where: str, *, resamples: int = 1000, seed: int = 0) -> list[Path]:
+    """``sanity/leakage_rows.csv`` (per image), ``sanity/leakage_detection.csv`` (detector AUROC per substrate) and
+    ``sanity/leakage.json`` (row labels, caption), then ``leakage.csv`` (summary, detector AUROC rows with probe
+    ``detector``) and ``leakage.tex`` from them as stored (:func:`rebuild_leakage`, run by ``maskbench tables``)."""
     (run_dir / "sanity").mkdir(parents=True, exist_ok=True)
-    return [atomic_write(run_dir / "sanity" / "leakage_rows.csv", csv_text(rows)),
-            atomic_write(run_dir / "leakage.csv", csv_text(pd.concat([summary, det], ignore_index=True))),
-            atomic_write(run_dir / "leakage.tex", _latex(summary, detection, labels, where))]
+    written = [atomic_write(run_dir / "sanity" / "leakage_rows.csv", csv_text(rows)),
+               atomic_write(run_dir / "sanity" / "leakage_detection.csv", csv_text(detection)),
+               write_json(run_dir / "sanity" / "leakage.json", {"labels": labels, "where": where})]
+    return written + rebuild_leakage(run_dir, resamples=resamples, seed=seed)
+
+
+def rebuild_leakage(run_dir: Path, *, resamples: int = 1000, seed: int = 0) -> list[Path]:
+    """``leakage.csv`` / ``.tex`` from a run's stored leakage rows (nothing when it has none): no probe runs."""
+    sanity = run_dir / "sanity"
+    files = [sanity / "leakage_rows.csv", sanity / "leakage_detection.csv", sanity / "leakage.json"]
+    if not all(f.is_file() for f in files):
+        return []
+    rows = pd.read_csv(files[0], dtype={"image_id": str}, keep_default_na=False, na_values=[""])
+    detection = pd.read_csv(files[1], keep_default_na=False, na_values=[""])
+    info = read_json(files[2])
+    summary = summarise(rows, resamples, seed)
+    det = detection.rename(columns={"substrate": "probe", "auroc": "accuracy"}).assign(method="detector")
+    return [atomic_write(run_dir / "leakage.csv", csv_text(pd.concat([summary, det], ignore_index=True))),
+            atomic_write(run_dir / "leakage.tex", _latex(summary, detection, info["labels"], info["where"]))]

@@ -282,10 +282,26 @@ def _latex(summary: pd.DataFrame, labels: dict[str, str], where: str) -> str:
     return "\n".join(lines)
 
 
-def write_randomisation(run_dir: Path, rows: pd.DataFrame, labels: dict[str, str], where: str) -> list[Path]:
-    """``sanity/randomisation_rows.csv`` (per image), ``randomisation.csv`` (summary) and ``randomisation.tex``."""
-    summary = summarise(rows)
+def write_randomisation(run_dir: Path, rows: pd.DataFrame, labels: dict[str, str], where: str, *,
+                        resamples: int = 1000, seed: int = 0) -> list[Path]:
+    """``sanity/randomisation_rows.csv`` (per image) and ``sanity/randomisation.json`` (row labels, caption), then
+    the summary ``randomisation.csv`` and ``randomisation.tex`` from the rows *as stored*, so that
+    :func:`rebuild_randomisation` (run by ``maskbench tables``) remakes them byte for byte without a model."""
     (run_dir / "sanity").mkdir(parents=True, exist_ok=True)
-    return [atomic_write(run_dir / "sanity" / "randomisation_rows.csv", csv_text(rows)),
-            atomic_write(run_dir / "randomisation.csv", csv_text(summary)),
-            atomic_write(run_dir / "randomisation.tex", _latex(summary, labels, where))]
+    text = csv_text(rows)
+    written = [atomic_write(run_dir / "sanity" / "randomisation_rows.csv", text),
+               write_json(run_dir / "sanity" / "randomisation.json", {"labels": labels, "where": where})]
+    return written + rebuild_randomisation(run_dir, resamples=resamples, seed=seed)
+
+
+def rebuild_randomisation(run_dir: Path, *, resamples: int = 1000, seed: int = 0) -> list[Path]:
+    """``randomisation.csv`` / ``.tex`` from a run's stored ``sanity/randomisation_rows.csv`` and
+    ``sanity/randomisation.json`` (nothing when the run has none): a pure function of them."""
+    rows_file, info_file = run_dir / "sanity" / "randomisation_rows.csv", run_dir / "sanity" / "randomisation.json"
+    if not (rows_file.is_file() and info_file.is_file()):
+        return []
+    info = read_json(info_file)
+    rows = pd.read_csv(rows_file, dtype={"image_id": str}, keep_default_na=False, na_values=[""])
+    summary = summarise(rows, resamples, seed)
+    return [atomic_write(run_dir / "randomisation.csv", csv_text(summary)),
+            atomic_write(run_dir / "randomisation.tex", _latex(summary, info["labels"], info["where"]))]

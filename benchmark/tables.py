@@ -33,7 +33,9 @@ from maskbench.core.store import COMPLETE, RowStore, StoredDataError
 from maskbench.methods.deviations import deviations
 from maskbench.metrics import METRICS, MetricSpec, TableInputs, TableSpec, table_specs, value_range
 
+from .leakage import rebuild_leakage
 from .meta_evaluation import Headline, write_meta_tables
+from .randomisation import rebuild_randomisation
 from .reproduction import departures, write_reproduction
 from .runs import read_run
 
@@ -315,4 +317,6 @@ def write_all_tables(results_dir: Path, **options) -> list[Path]:
     written = []
     for per_image in sorted(Path(results_dir).glob("*/*/per_image")):
         written += write_tables(per_image.parent, **options)
+        boot = {k: options[k] for k in ("resamples", "seed") if k in options}
+        written += rebuild_randomisation(per_image.parent, **boot) + rebuild_leakage(per_image.parent, **boot)
     return written
