@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from maskbench.core.images import gaussian_blur, scaled_sigma
 from maskbench.core.render import csv_text, escape
-from maskbench.core.stats import bootstrap_weights, column_means, percentile_interval
+from maskbench.core.stats import column_intervals
 from maskbench.core.storage import atomic_write, read_json, write_json
 from maskbench.metrics.faithfulness import MF_SIGMA_224, MF_TRUNCATE, PADDING, reveal_fractions, tie_seed
 from maskbench.metrics.road import NOISE_STD, linear_imputation
@@ -247,15 +247,11 @@ def summarise(rows: pd.DataFrame, resamples: int = 1000, seed: int = 0) -> pd.Da
     accuracy and of the excess (accuracy - majority)."""
     recs = []
     for (method, probe), g in rows.groupby(["method", "probe"], sort=False):
-        g = g.sort_values("image_id")
-        w = bootstrap_weights(len(g), resamples, seed)
-        v = g[["accuracy", "majority"]].to_numpy(dtype=np.float64)
-        draws = column_means(np.column_stack([v, v[:, 0] - v[:, 1]]), w)
-        lo, hi = percentile_interval(draws[:, 0])
-        elo, ehi = percentile_interval(draws[:, 2])
-        recs.append({"method": method, "probe": probe, "accuracy": float(v[:, 0].mean()), "ci_low": lo,
-                     "ci_high": hi, "majority": float(v[:, 1].mean()), "excess": float((v[:, 0] - v[:, 1]).mean()),
-                     "excess_low": elo, "excess_high": ehi, "images": len(g)})
+        v = g.sort_values("image_id")[["accuracy", "majority"]].to_numpy(dtype=np.float64)
+        mean, lo, hi = column_intervals(np.column_stack([v, v[:, 0] - v[:, 1]]), resamples, seed)
+        recs.append({"method": method, "probe": probe, "accuracy": float(mean[0]), "ci_low": float(lo[0]),
+                     "ci_high": float(hi[0]), "majority": float(mean[1]), "excess": float(mean[2]),
+                     "excess_low": float(lo[2]), "excess_high": float(hi[2]), "images": len(v)})
     return pd.DataFrame.from_records(recs)
 
 

@@ -61,7 +61,7 @@ from maskbench.classifiers.base import (
 )
 from maskbench.core.checkpoints import load_checkpoint, save_checkpoint
 from maskbench.core.render import csv_text, escape
-from maskbench.core.stats import bootstrap_weights, column_means, percentile_interval
+from maskbench.core.stats import column_intervals
 from maskbench.core.storage import atomic_write, read_json, stable_hash, write_json
 from maskbench.datasets.base import stack_split
 from maskbench.metrics.sanity import spearman_rows
@@ -235,18 +235,11 @@ def summarise(rows: pd.DataFrame, resamples: int = 1000, seed: int = 0) -> pd.Da
     """Mean over images with the 95% percentile bootstrap interval, per (method, mode, step, similarity)."""
     recs = []
     for (method, mode, step), g in rows.groupby(["method", "mode", "step"], sort=False):
-        g = g.sort_values("image_id")
-        w = bootstrap_weights(len(g), resamples, seed)
-        for col in ("spearman", "ssim"):
-            v = g[col].to_numpy(dtype=np.float64)
-            ok = ~np.isnan(v)
-            if not ok.any():
-                recs.append({"method": method, "mode": mode, "step": step, "similarity": col, "value": math.nan,
-                             "ci_low": math.nan, "ci_high": math.nan, "images": 0})
-                continue
-            lo, hi = percentile_interval(column_means(v[:, None], w)[:, 0])  # a draw of undefined images: NaN
-            recs.append({"method": method, "mode": mode, "step": step, "similarity": col, "value": float(v[ok].mean()),
-                         "ci_low": float(lo), "ci_high": float(hi), "images": int(ok.sum())})
+        v = g.sort_values("image_id")[["spearman", "ssim"]].to_numpy(dtype=np.float64)
+        mean, lo, hi = column_intervals(v, resamples, seed)  # a draw of undefined images only: NaN, left out
+        for j, col in enumerate(("spearman", "ssim")):
+            recs.append({"method": method, "mode": mode, "step": step, "similarity": col, "value": float(mean[j]),
+                         "ci_low": float(lo[j]), "ci_high": float(hi[j]), "images": int((~np.isnan(v[:, j])).sum())})
     return pd.DataFrame.from_records(recs)
 
 

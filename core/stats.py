@@ -133,6 +133,20 @@ def percentile_interval(samples: np.ndarray, level: float = LEVEL) -> tuple[floa
     return float(lo), float(hi)
 
 
+def column_intervals(values: np.ndarray, resamples: int = RESAMPLES, seed: int = SEED,
+                     level: float = LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per column of an (n, C) matrix of per-image values (rows in a fixed image order, NaN = undefined): the
+    mean over its defined entries and the ``level`` percentile bootstrap interval of that mean, as three (C,)
+    arrays (NaN for a column with no defined entry)."""
+    values = np.asarray(values, dtype=np.float64)
+    ok = ~np.isnan(values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        point = np.where(ok.any(0), np.where(ok, values, 0.0).sum(0) / ok.sum(0), np.nan)
+    draws = column_means(values, bootstrap_weights(len(values), resamples, seed))
+    bounds = np.array([percentile_interval(draws[:, j], level) for j in range(values.shape[1])]).reshape(-1, 2)
+    return point, bounds[:, 0], bounds[:, 1]
+
+
 def estimate(values: np.ndarray, cols: list[str], stat: Statistic, weights: np.ndarray) -> Estimate:
     """Point estimate, percentile interval and bootstrap samples of ``stat`` on an (n, C) value matrix."""
     point = float(stat.reduce(column_means(values, np.ones((1, len(values)))), cols)[0])

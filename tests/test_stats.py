@@ -7,6 +7,7 @@ import pytest
 from maskbench.core.stats import (
     bootstrap_weights,
     class_mean,
+    column_intervals,
     column_means,
     estimate,
     f_score,
@@ -26,6 +27,23 @@ def test_column_means_leave_out_undefined_values():
     assert column_means(x, np.ones((1, 3))).tolist() == [[2.0, 6.0]]
     # counts weight repeated images: image 0 twice, image 2 once
     assert column_means(x, np.array([[2.0, 0.0, 1.0]])).tolist() == [[1.0, 8.0]]
+
+
+def test_column_intervals_per_column_mean_and_interval():
+    rng = np.random.default_rng(3)
+    n = 400
+    x = np.column_stack([np.full(n, 7.0), rng.normal(50.0, 10.0, n), np.full(n, np.nan), rng.normal(0.0, 1.0, n)])
+    x[::4, 3] = np.nan  # a quarter undefined: left out of the mean, not counted as 0
+    mean, lo, hi = column_intervals(x, resamples=500, seed=1)
+    assert mean[0] == lo[0] == hi[0] == 7.0  # a constant has no spread
+    assert mean[1] == pytest.approx(x[:, 1].mean()) and lo[1] < mean[1] < hi[1]
+    # the 95% interval of a mean of n N(50, 10) draws is about +-1.96 * 10 / sqrt(n) wide
+    assert (hi[1] - lo[1]) / 2 == pytest.approx(1.96 * x[:, 1].std() / np.sqrt(n), rel=0.2)
+    assert np.isnan(mean[2]) and np.isnan(lo[2]) and np.isnan(hi[2])
+    assert mean[3] == pytest.approx(np.nanmean(x[:, 3])) and lo[3] < mean[3] < hi[3]
+    # the same draws as the tables' bootstrap: a column's interval does not depend on its neighbours
+    alone = column_intervals(x[:, 1:2], resamples=500, seed=1)
+    assert (alone[1][0], alone[2][0]) == pytest.approx((lo[1], hi[1]), rel=1e-12)
 
 
 def test_interval_contains_the_estimate_and_shrinks_with_more_images():
