@@ -20,7 +20,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 import torch
@@ -166,6 +166,25 @@ def forward_in_chunks(model: nn.Module, x: Tensor, rows: int | None = None) -> T
     """Float logits of ``model`` on ``x`` (N, 3, H, W), ``rows`` images per forward (default :func:`forward_rows`)."""
     rows = rows or forward_rows(x)
     return torch.cat([model(x[i : i + rows]).float() for i in range(0, len(x), rows)])
+
+
+_Result = TypeVar("_Result")
+
+
+def memo_on_inputs(inputs: MetricInputs, key: str, compute: Callable[[MetricInputs], _Result]) -> _Result:
+    """``compute(inputs)``, once per ``inputs``: the result is kept on ``inputs`` under attribute ``key`` and
+    recomputed only when its model, images, masks, classes or labels are replaced or modified in place (object
+    identity and tensor version counter), so the metrics that share one computation (faithfulness's four
+    scores, ROAD's two curves) run it once per batch."""
+    tensors = (inputs.images, inputs.masks, inputs.classes, inputs.batch.labels)
+    objects = (inputs.model, *tensors)
+    versions = tuple(t._version for t in tensors)
+    hit = getattr(inputs, key, None)
+    if hit is not None and all(a is b for a, b in zip(hit[0], objects, strict=True)) and hit[1] == versions:
+        return hit[2]
+    result = compute(inputs)
+    setattr(inputs, key, (objects, versions, result))
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ tables

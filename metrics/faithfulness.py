@@ -74,6 +74,7 @@ from .base import (
     MetricInputs,
     TableSpec,
     forward_in_chunks,
+    memo_on_inputs,
     metric_statistic,
     register_metric,
     register_table,
@@ -296,15 +297,7 @@ def faithfulness_scores(inputs: MetricInputs) -> FaithfulnessResult:
     The cache is invalidated if ``inputs``' model, images, masks, classes or labels are replaced or modified in
     place (tensor identity and version counter).
     """
-    tensors = (inputs.images, inputs.masks, inputs.classes, inputs.batch.labels)
-    objects = (inputs.model, *tensors)
-    versions = tuple(t._version for t in tensors)
-    hit = getattr(inputs, _CACHE_ATTR, None)
-    if hit is not None and all(a is b for a, b in zip(hit[0], objects, strict=True)) and hit[1] == versions:
-        return hit[2]
-    result = _compute(inputs)
-    setattr(inputs, _CACHE_ATTR, (objects, versions, result))
-    return result
+    return memo_on_inputs(inputs, _CACHE_ATTR, _compute)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -43,25 +43,37 @@ block, hence symmetric positive definite: conjugate gradients apply. The operato
 weight stencil (zero centre, zero padding, so the border rows sum only existing neighbours) masked to the
 removed pixels, ``A p = u * (d * p - conv(p))`` with u the removed mask and d = conv(1) the degree; every
 (image, class, order, fraction) problem and its 3 channels are solved at once (one independent CG per problem
-and channel), preconditioned by Jacobi (1 / d, which differs from 1 only at the image border).
+and channel).
 
-* *Coarse-to-fine start (cascadic multigrid).* The problem is first solved on a 2x2-average-pooled grid: a
-  coarse pixel is kept when any of its 4 pixels is, with their mean value; recursively down to a side of at
-  most ``COARSEST_SIDE`` = 8 px, started there from each channel's mean kept value. Each level's solution is
-  upsampled bilinearly (x2, cropped) as the start of the next finer level's removed pixels.
-* *Stopping.* A (problem, channel) stops when its Jacobi-preconditioned residual norm falls below
-  ``CG_RTOL`` = 1e-5 times that of its right-hand side, r^T D^-1 r <= CG_RTOL^2 b^T D^-1 b (plus an absolute
-  floor ``CG_ATOL`` = 1e-8 per pixel for a zero right-hand side); from then on it is frozen (step 0), so its
-  result does not depend on the other problems of the batch. The batch's convergence is checked every
-  ``CG_CHECK_EVERY`` = 8 iterations (one host synchronisation per check); at a check, when at most half of the
-  problems still run, the converged ones are dropped from the working set. Each level has a fixed budget of
-  ``4 * max(h, w) + 64`` iterations (:func:`level_budget`).
-* *Accuracy and cost* (measured, not timed: ``tests/test_metrics_road.py`` compares with ``spsolve``): with
-  CG_RTOL = 1e-5 the largest error against the direct solve was about 1e-4 at 64 px and 1e-3 at 224 px (a tenth
-  of the noise), on synthetic test images with removals of 90 % ranked by a blurred object mask. CG needs about
-  as many iterations as the largest distance from a removed pixel to a kept one; the coarse start cut the
-  finest level's iterations by 15-25 % there (MoRF 90 %: about 65-80 at 64 px, 105-160 at 224 px; LeRF 90 %:
-  160-175 at 64 px, 400-520 at 224 px), every coarser level costing a quarter of the next.
+* *Grids.* A hierarchy of grids halves each side (ceil at odd sides); a coarse pixel is unknown when all the
+  existing pixels of its 2x2 block are removed, so it is kept when any of them is, and every coarse grid keeps
+  a pixel too. The coarsest grid (at most ``COARSEST_PIXELS`` = 64 pixels: 8x8 from 128 px, 7x7 from 224 px)
+  is solved directly, by a float64 Cholesky factorisation of its system per problem (kept pixels' rows are
+  the identity).
+* *Preconditioner: a multigrid V(1, 1)-cycle* (Briggs, Henson & McCormick, "A Multigrid Tutorial", 2000, ch. 3
+  and 10): one damped-Jacobi sweep (``OMEGA`` = 0.8, below 2 / the largest eigenvalue of D^-1 A, which
+  Gershgorin bounds by 2) before and after the coarse correction, bilinear prolongation (weights 1/4, 3/4 per
+  axis) masked to the unknowns, restriction its transpose, the coarse matrix the same stencil on the coarse
+  grid (equal to the Galerkin product P^T A P for smooth errors, since this stencil's weights sum to 1 at every
+  scale), the coarsest solve exact. The cycle is a fixed symmetric positive definite linear map, so it is a
+  valid CG preconditioner; the CG step uses the Polak-Ribiere beta (clipped at 0), which tolerates the float
+  rounding of the cycle.
+* *Cascadic start.* The problem is first solved on the next coarser grid, kept coarse pixels taking the mean of
+  their kept pixels, recursively down to the coarsest (solved directly); each level's solution is upsampled
+  bilinearly (x2, cropped) as the start of the next finer level's removed pixels.
+* *Stopping.* A (problem, channel) stops when its Jacobi-weighted residual norm falls below ``CG_RTOL`` = 1e-5
+  times that of its right-hand side, r^T D^-1 r <= CG_RTOL^2 b^T D^-1 b (plus an absolute floor ``CG_ATOL`` =
+  1e-8 per pixel for a zero right-hand side); from then on it is frozen (step 0), so its result does not depend
+  on the other problems of the batch. The batch's convergence is checked every ``CG_CHECK_EVERY`` = 2
+  iterations (one host synchronisation per check); at a check, when at most half of the problems still run,
+  the converged ones are dropped from the working set. Each level has a safety cap of ``2 * max(h, w) + 64``
+  iterations (:func:`level_budget`).
+* *Accuracy and cost* (``tests/test_metrics_road.py`` compares with ``spsolve`` and bounds the iterations):
+  at CG_RTOL = 1e-5 the largest error against the direct solve was 1e-4 at 64 px, 3e-4 at 128 px and 7e-4 at
+  224 px (below the noise's 0.01), with removals of 50 % and 90 % ranked by distance to a compact region. The
+  finest level then took 8-16 iterations (MoRF and LeRF 90 % at 224 px: 16 and 14), each coarser level fewer;
+  the Jacobi-preconditioned CG this replaced needed about as many iterations as the largest distance from a
+  removed pixel to a kept one (LeRF 90 %: 400-520 at 224 px).
 
 Values
 ------
@@ -109,7 +121,15 @@ from torch import Tensor
 from maskbench.core.scores import class_probabilities
 from maskbench.core.stats import Statistic, nanmean_rows
 
-from .base import MetricInputs, TableSpec, forward_in_chunks, register_metric, register_table, true_class_slots
+from .base import (
+    MetricInputs,
+    TableSpec,
+    forward_in_chunks,
+    memo_on_inputs,
+    register_metric,
+    register_table,
+    true_class_slots,
+)
 from .faithfulness import pixel_ranks, tie_seed
 
 FRACTIONS = tuple(k / 10 for k in range(1, 10))  # removed fractions 10 %, ..., 90 %
@@ -119,8 +139,9 @@ W_DIRECT = 1.0 / 6.0  # weight of each of the 4 direct neighbours
 W_DIAGONAL = 1.0 / 12.0  # weight of each of the 4 diagonal neighbours
 CG_RTOL = 1e-5  # relative residual (Jacobi norm) at which a (problem, channel) stops
 CG_ATOL = 1e-8  # absolute floor of that residual, RMS per removed pixel (for a zero right-hand side)
-CG_CHECK_EVERY = 8  # iterations between convergence checks (one host synchronisation each)
-COARSEST_SIDE = 8  # no coarser level below this side
+CG_CHECK_EVERY = 2  # iterations between convergence checks (one host synchronisation each)
+COARSEST_PIXELS = 64  # the coarsest grid (at most this many pixels) is solved directly
+OMEGA = 0.8  # damping of the Jacobi smoother (below 2 / the largest eigenvalue of D^-1 A, which is < 2)
 CHUNK_BYTES = 256 * 2**20  # temporaries per chunk of imputation problems
 # per problem pixel: ~9 float32 (3, H, W) arrays of the solve (image, iterate, residual, direction, its image,
 # convolution output, noise, ...), the masks, and a third more for the coarser levels
@@ -150,18 +171,34 @@ def _neighbour_sum(x: Tensor, kernel: Tensor) -> Tensor:
 
 
 def level_budget(h: int, w: int) -> int:
-    """CG iterations allowed on an h x w level (CG needs about the largest removed-to-kept distance)."""
-    return 4 * max(h, w) + 64
+    """CG iterations allowed on an h x w level: a safety cap (multigrid-preconditioned CG needs a few tens)."""
+    return 2 * max(h, w) + 64
 
 
 @dataclass
 class LevelStats:
     """One level of one :func:`linear_imputation` call: its size, iteration budget, and per problem the number
-    of CG iterations in which at least one of its channels was still running (a (N,) long tensor)."""
+    of CG iterations in which at least one of its channels was still running (a (N,) long tensor; 0 on the
+    coarsest level, which is solved directly)."""
 
     size: tuple[int, int]
     budget: int
     iterations: Tensor
+
+
+@dataclass
+class _Level:
+    """One grid of the multigrid hierarchy: ``u`` (N, 1, h, w) is 1 on the unknown (removed) pixels, ``degree``
+    (1, 1, h, w) the sum of the existing neighbours' weights; the coarsest level also holds ``chol`` (N, h w,
+    h w), the Cholesky factor of its system with the kept pixels' rows replaced by the identity."""
+
+    u: Tensor
+    degree: Tensor
+    inv_degree: Tensor
+    chol: Tensor | None = None
+
+    def take(self, keep: Tensor) -> _Level:
+        return _Level(self.u[keep], self.degree, self.inv_degree, None if self.chol is None else self.chol[keep])
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -169,27 +206,92 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.linalg.vecdot(a.flatten(2), b.flatten(2))
 
 
-def _pcg(start: Tensor, removed: Tensor, rtol: float, budget: int, check_every: int) -> tuple[Tensor, Tensor]:
-    """Jacobi-preconditioned CG on one level: ``start`` (N, C, H, W) holds the kept values and a first guess at
-    the ``removed`` (N, H, W) pixels; returns the solution and each problem's iteration count (N,)."""
+def _apply(level: _Level, e: Tensor, kernel: Tensor) -> Tensor:
+    """The level's matrix times ``e`` (zero off the unknowns): u * (d e - sum_j w_ij e_j)."""
+    return level.u * (level.degree * e - _neighbour_sum(e, kernel))
+
+
+def _transfer_kernel(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(1, 1, 4, 4) bilinear interpolation weights of a x2 upsampling ([1, 3, 3, 1] / 4 per axis)."""
+    k = torch.tensor([0.25, 0.75, 0.75, 0.25], dtype=dtype, device=device)
+    return torch.outer(k, k).view(1, 1, 4, 4)
+
+
+def _restrict(r: Tensor, kernel: Tensor) -> Tensor:
+    """P^T r: the adjoint of :func:`_prolong`, onto the ceil(h / 2) x ceil(w / 2) grid."""
+    n, c, h, w = r.shape
+    x = F.pad(r.reshape(n * c, 1, h, w), (0, w % 2, 0, h % 2))  # the adjoint of the crop
+    x = F.conv2d(x, kernel, stride=2, padding=1)
+    return x.view(n, c, *x.shape[-2:])
+
+
+def _prolong(e: Tensor, h: int, w: int, kernel: Tensor) -> Tensor:
+    """P e: bilinear x2 upsampling (zero beyond the border) cropped to h x w."""
+    n, c, hc, wc = e.shape
+    x = F.conv_transpose2d(e.reshape(n * c, 1, hc, wc), kernel, stride=2, padding=1)
+    return x[..., :h, :w].reshape(n, c, h, w)
+
+
+def _coarsest_factor(u: Tensor, degree: Tensor, kernel: Tensor) -> Tensor:
+    """Cholesky factors (N, P, P) of diag(u) A diag(u) + diag(1 - u), A the level's matrix on all P pixels."""
+    h, w = u.shape[-2:]
+    p = h * w
+    eye = torch.eye(p, dtype=u.dtype, device=u.device).view(p, 1, h, w)
+    full = (degree * eye - F.conv2d(eye, kernel, padding=1)).view(p, p)  # symmetric: column j = A e_j
+    m = u.view(-1, p)
+    dense = m[:, :, None] * full * m[:, None, :] + torch.diag_embed(1.0 - m)
+    return torch.linalg.cholesky(dense.double()).to(u.dtype)  # float64: a few hundred pixels at most
+
+
+def _hierarchy(removed: Tensor, dtype: torch.dtype, kernel: Tensor) -> list[_Level]:
+    """The grids, finest first: a coarse pixel (2 x 2 block, ceil at odd sides) is unknown when all its
+    existing pixels are, down to at most ``COARSEST_PIXELS`` pixels (or a side of 1)."""
+    u = removed[:, None].to(dtype)
+    levels = []
+    while True:
+        h, w = u.shape[-2:]
+        degree = _neighbour_sum(torch.ones(1, 1, h, w, dtype=dtype, device=u.device), kernel)
+        if h * w <= COARSEST_PIXELS or min(h, w) == 1:
+            levels.append(_Level(u, degree, degree.reciprocal(), _coarsest_factor(u, degree, kernel)))
+            return levels
+        levels.append(_Level(u, degree, degree.reciprocal()))
+        u = 1.0 - F.max_pool2d(1.0 - u, 2, ceil_mode=True)
+
+
+def _vcycle(r: Tensor, levels: Sequence[_Level], kernel: Tensor, transfer: Tensor) -> Tensor:
+    """One symmetric V(1, 1)-cycle from zero for A e = r (``r`` zero off the unknowns): damped-Jacobi pre- and
+    post-smoothing, bilinear transfers (restriction = prolongation transposed), direct solve at the bottom."""
+    top = levels[0]
+    n, c, h, w = r.shape
+    if top.chol is not None:
+        x = torch.cholesky_solve(r.reshape(n, c, h * w).transpose(1, 2), top.chol)
+        return x.transpose(1, 2).reshape(n, c, h, w) * top.u
+    e = OMEGA * top.inv_degree * r
+    coarse = _restrict(r - _apply(top, e, kernel), transfer) * levels[1].u
+    e = e + top.u * _prolong(_vcycle(coarse, levels[1:], kernel, transfer), h, w, transfer)
+    return e + OMEGA * top.inv_degree * (r - _apply(top, e, kernel))
+
+
+def _pcg(start: Tensor, levels: list[_Level], rtol: float, budget: int,
+         check_every: int) -> tuple[Tensor, Tensor]:
+    """Multigrid-preconditioned CG on the finest of ``levels``: ``start`` (N, C, H, W) holds the kept values and
+    a first guess at the unknown pixels; returns the solution and each problem's iteration count (N,)."""
     n, c, h, w = start.shape
     dev, dtype = start.device, start.dtype
     kernel = neighbour_weights(dtype, dev)
-    degree = _neighbour_sum(torch.ones(1, 1, h, w, dtype=dtype, device=dev), kernel)  # sum of existing weights
-    inv_degree = degree.reciprocal()
+    transfer = _transfer_kernel(dtype, dev)
+    top = levels[0]
     out = start.clone()
     iterations = torch.zeros(n, dtype=torch.long, device=dev)
-    u = removed[:, None].to(dtype)
     y = start
-    b = u * _neighbour_sum(y * (1.0 - u), kernel)  # the kept neighbours' weighted sum: the right-hand side
-    unknowns = u.sum((2, 3))  # (N, 1)
-    threshold = torch.maximum(rtol**2 * _dot(b * inv_degree, b), CG_ATOL**2 * unknowns)  # (N, C)
+    b = top.u * _neighbour_sum(y * (1.0 - top.u), kernel)  # the kept neighbours' weighted sum: right-hand side
+    threshold = torch.maximum(rtol**2 * _dot(b * top.inv_degree, b), CG_ATOL**2 * top.u.sum((2, 3)))  # (N, C)
     del b
-    r = u * (_neighbour_sum(y, kernel) - degree * y)  # b - A x on the removed pixels, 0 elsewhere
-    z = r * inv_degree
+    r = top.u * (_neighbour_sum(y, kernel) - top.degree * y)  # b - A x on the unknowns, 0 elsewhere
+    active = _dot(r * top.inv_degree, r) > threshold
+    z = _vcycle(r, levels, kernel, transfer)
     p = z.clone()
     rz = _dot(r, z)
-    active = rz > threshold
     idx = torch.arange(n, device=dev)  # rows of the working set in the full batch
     its = torch.zeros(n, dtype=torch.long, device=dev)
     for it in range(budget):
@@ -201,43 +303,51 @@ def _pcg(start: Tensor, removed: Tensor, rtol: float, budget: int, check_every: 
             if running <= len(idx) // 2:  # drop the converged problems from the working set
                 out[idx], iterations[idx] = y, its
                 keep = torch.nonzero(alive).flatten()
-                idx, y, r, p, u = idx[keep], y[keep], r[keep], p[keep], u[keep]
+                idx, y, r, p, z = idx[keep], y[keep], r[keep], p[keep], z[keep]
                 rz, threshold, active, its = rz[keep], threshold[keep], active[keep], its[keep]
-        ap = u * (degree * p - _neighbour_sum(p, kernel))
+                levels = [lv.take(keep) for lv in levels]
+        top = levels[0]
+        ap = _apply(top, p, kernel)
         pap = _dot(p, ap)
         ok = active & (pap > 0)
         alpha = torch.where(ok, rz / torch.where(ok, pap, 1.0), 0.0)[..., None, None]
         y = torch.addcmul(y, alpha, p)
-        r = torch.addcmul(r, alpha, ap, value=-1.0)
-        z = r * inv_degree
-        rz_new = _dot(r, z)
-        go = active & (rz > 0)
-        beta = torch.where(go, rz_new / torch.where(go, rz, 1.0), 0.0)[..., None, None]
-        p = torch.addcmul(z, beta, p)
+        r_new = torch.addcmul(r, alpha, ap, value=-1.0)
+        z_new = _vcycle(r_new, levels, kernel, transfer)
+        rz_new = _dot(r_new, z_new)
+        go = active & (rz > 0)  # Polak-Ribiere: robust to the preconditioner's float rounding
+        beta = torch.where(go, (rz_new - _dot(r, z_new)) / torch.where(go, rz, 1.0), 0.0).clamp_min(0.0)
+        p = torch.addcmul(z_new, beta[..., None, None], p)
         its = its + active.any(1)
         rz = torch.where(active, rz_new, rz)
-        active = active & (rz > threshold)
+        r, z = r_new, z_new
+        active = active & (_dot(r * top.inv_degree, r) > threshold)
     out[idx], iterations[idx] = y, its
     return out, iterations
 
 
-def _solve(known: Tensor, removed: Tensor, rtol: float, check_every: int, stats: list[LevelStats] | None) -> Tensor:
+def _solve(known: Tensor, levels: list[_Level], rtol: float, check_every: int,
+           stats: list[LevelStats] | None) -> Tensor:
+    """Cascadic: solve the problem on the next coarser grid (kept coarse pixels: the mean of their kept pixels),
+    upsample it as the start, then run multigrid-preconditioned CG on this grid."""
+    top = levels[0]
     n, c, h, w = known.shape
-    kept = (~removed)[:, None].to(known.dtype)
-    if min(h, w) > COARSEST_SIDE:
-        total = F.avg_pool2d(known * kept, 2, ceil_mode=True)  # same divisor for both: their ratio is the mean
-        share = F.avg_pool2d(kept, 2, ceil_mode=True)
-        coarse_removed = share[:, 0] == 0  # a coarse pixel is kept when any of its pixels is
-        coarse_known = torch.where(share > 0, total / share.clamp_min(1e-12), 0.0)
-        coarse = (_solve(coarse_known, coarse_removed, rtol, check_every, stats) if bool(coarse_removed.any())
-                  else coarse_known)
-        guess = F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)[..., :h, :w]
-    else:
-        guess = ((known * kept).sum((2, 3), keepdim=True) / kept.sum((2, 3), keepdim=True).clamp_min(1.0)).expand(
-            n, c, h, w)
-    start = torch.where(removed[:, None], guess, known)
+    kept = 1.0 - top.u
+    if top.chol is not None:  # the coarsest grid: solved directly
+        kernel = neighbour_weights(known.dtype, known.device)
+        rhs = torch.where(top.u > 0, _neighbour_sum(known * kept, kernel), known)
+        x = torch.cholesky_solve(rhs.reshape(n, c, h * w).transpose(1, 2), top.chol)
+        if stats is not None:
+            stats.append(LevelStats((h, w), 0, torch.zeros(n, dtype=torch.long, device=known.device)))
+        return x.transpose(1, 2).reshape(n, c, h, w)
+    total = F.avg_pool2d(known * kept, 2, ceil_mode=True)  # same divisor for both: their ratio is the mean
+    share = F.avg_pool2d(kept, 2, ceil_mode=True)
+    coarse_known = torch.where(share > 0, total / share.clamp_min(1e-12), 0.0)
+    coarse = _solve(coarse_known, levels[1:], rtol, check_every, stats)
+    guess = F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)[..., :h, :w]
+    start = torch.where(top.u > 0, guess, known)
     budget = level_budget(h, w)
-    solution, iterations = _pcg(start, removed, rtol, budget, check_every)
+    solution, iterations = _pcg(start, levels, rtol, budget, check_every)
     if stats is not None:
         stats.append(LevelStats((h, w), budget, iterations))
     return solution
@@ -249,8 +359,9 @@ def linear_imputation(images: Tensor, removed: Tensor, *, rtol: float = CG_RTOL,
     """ROAD's linear imputation without noise: (N, C, H, W) images whose ``removed`` (N, H, W) pixels are replaced
     by the solution of sum_j w_ij (x_i - x_j) = 0 over their existing 8 neighbours (1/6 direct, 1/12 diagonal).
 
-    Batched cascadic PCG on ``images``' device (see the module docstring); float32. ``stats``, if given,
-    receives one :class:`LevelStats` per solved level, coarsest first. Every image must keep a pixel.
+    Batched cascadic multigrid-preconditioned CG on ``images``' device (see the module docstring); float32.
+    ``stats``, if given, receives one :class:`LevelStats` per solved level, coarsest first. Every image must keep
+    a pixel.
     """
     if images.dim() != 4 or removed.shape != (images.shape[0], *images.shape[2:]):
         raise ValueError(f"linear_imputation expects images (N, C, H, W) and removed (N, H, W), got "
@@ -261,7 +372,8 @@ def linear_imputation(images: Tensor, removed: Tensor, *, rtol: float = CG_RTOL,
     known = images.float()
     if not len(images) or not bool(removed.any()):
         return known.clone()
-    return _solve(known, removed, rtol, check_every, stats)
+    levels = _hierarchy(removed, known.dtype, neighbour_weights(known.dtype, known.device))
+    return _solve(known, levels, rtol, check_every, stats)
 
 
 def noise_seed(image_id: str, cls: int) -> int:
@@ -378,15 +490,7 @@ def _compute(inputs: MetricInputs) -> RoadResult:
 def road_scores(inputs: MetricInputs) -> RoadResult:
     """The ROAD curves of a batch, computed once per ``inputs`` and cached on it (invalidated when its model,
     images, masks, classes or labels are replaced or modified in place)."""
-    tensors = (inputs.images, inputs.masks, inputs.classes, inputs.batch.labels)
-    objects = (inputs.model, *tensors)
-    versions = tuple(t._version for t in tensors)
-    hit = getattr(inputs, _CACHE_ATTR, None)
-    if hit is not None and all(a is b for a, b in zip(hit[0], objects, strict=True)) and hit[1] == versions:
-        return hit[2]
-    result = _compute(inputs)
-    setattr(inputs, _CACHE_ATTR, (objects, versions, result))
-    return result
+    return memo_on_inputs(inputs, _CACHE_ATTR, _compute)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -397,14 +501,14 @@ def _cells(per_image: Tensor) -> dict[str, Tensor]:
     return {cell_key(f): per_image[:, j] for j, f in enumerate(FRACTIONS)}
 
 
-@register_metric("road_morf", higher_is_better=False, table="road", label="ROAD MoRF", version="1",
+@register_metric("road_morf", higher_is_better=False, table="road", label="ROAD MoRF", version="2",
                  valid_range=(0.0, 100.0), optional=True)
 def road_morf(inputs: MetricInputs) -> dict[str, Tensor]:
     """ROAD MoRF: class probability (%) after removing the 10..90 % most relevant pixels, noisy linear imputation."""
     return _cells(road_scores(inputs).per_image["morf"])
 
 
-@register_metric("road_lerf", higher_is_better=True, table="road", label="ROAD LeRF", version="1",
+@register_metric("road_lerf", higher_is_better=True, table="road", label="ROAD LeRF", version="2",
                  valid_range=(0.0, 100.0), optional=True)
 def road_lerf(inputs: MetricInputs) -> dict[str, Tensor]:
     """ROAD LeRF: class probability (%) after removing the 10..90 % least relevant pixels, noisy linear imputation."""
