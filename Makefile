@@ -13,7 +13,7 @@ else
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: venv bench download test tables verify perf perf-threads paper-smoke sanity lint clean-venv
+.PHONY: venv bench download test tables figures verify perf perf-threads paper-smoke sanity lint clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ test: venv
 
 tables: venv
 	$(PY) -m maskbench.benchmark tables
+
+# figures: redraw a run's figures (results/<dataset>/<model>/figures/) and the results pages (index.html) from its
+# stored tables and cached masks (RUN=results/synthetic-grid/grid-smallcnn for another run); `bench` does it at its end
+figures: venv
+	$(PY) -m maskbench.benchmark figures --run $(or $(RUN),results/$(DATASET)/smallcnn) $(ARGS)
 
 # verify: recompute the published default run from an empty cache in a scratch folder, compare every table cell
 verify: venv

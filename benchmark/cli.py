@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "$MASKBENCH_HEARTBEAT_TIMEOUT (60) s ends the run")
     b.add_argument("--overwrite", action="store_true",
                    help="with --run-name: replace the folder's results if it holds another run")
+    b.add_argument("--no-figures", dest="figures", action="store_false",
+                   help="do not draw the figures at the end (maskbench figures draws them from the stored run)")
 
     tr = sub.add_parser("train", help="train (or load from the cache) learned methods; runs under torchrun too")
     tr.add_argument("methods", type=_csv_list, help="comma-separated learned method names, e.g. explainer,rtis")
@@ -154,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
     t.add_argument("--no-ci", dest="ci", action="store_false", help="LaTeX without the +- interval half-widths")
     _add_plugin_arg(t)  # plugin metrics declare their tables: import them to rebuild those too
+
+    fg = sub.add_parser("figures", help="draw a stored run's figures (PNG and PDF under <run>/figures/) from its "
+                        "tables and cached masks, and write the results pages (<run>/index.html, "
+                        "<results>/index.html); no model is run")
+    fg.add_argument("--run", default="results/synthetic/smallcnn", help="the stored run folder (default: %(default)s)")
+    fg.add_argument("--images", type=_csv_list, default=None,
+                    help="image ids of the mask grid (default: one image per class)")
+    fg.add_argument("--cache-dir", default=None, help="the cache bench used (default: $MASKBENCH_CACHE or "
+                    "~/.cache/maskbench)")
+    fg.add_argument("--data-root", default=None, help="the data root bench used (default: the data set's own)")
+    fg.add_argument("--no-masks", dest="masks", action="store_false", help="skip the mask grid (needs the data)")
 
     v = sub.add_parser("verify", help="recompute a stored run from an empty cache and compare every table cell")
     v.add_argument("--run", default="results/synthetic/smallcnn",
@@ -315,6 +328,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     names = sorted({p.stem for p in result.tables})
     print(f"wrote {result.run_dir}/manifest.json and tables {', '.join(names)} (.csv/.tex) "
           f"({result.manifest['wall_seconds']:.1f} s)")
+    if args.figures:
+        figures = _draw_figures(result.run_dir, cfg.cache_dir, cfg.data_root)
+        print(f"wrote {len(figures)} figure and page files: {result.run_dir}/index.html, figures/ "
+              f"(maskbench figures redraws them)")
     if result.failed:
         print(f"WARNING: {result.failed} (method, image) pairs failed and are not in the tables; see the "
               f"manifest.", file=sys.stderr)
@@ -374,6 +391,27 @@ def _cmd_tables(args: argparse.Namespace) -> int:
     for run_dir, missing in _unregistered_metrics(args.results).items():
         print(f"note: {run_dir} has rows of metric(s) {', '.join(missing)}, which no imported module registers: "
               f"their tables were not rebuilt (pass the plugin that defines them with --plugin).", file=sys.stderr)
+    return 0
+
+
+def _draw_figures(run_dir: Path, cache_dir: str | None, data_root: str | None,
+                  images: list[str] | None = None, masks: bool = True) -> list[Path]:
+    from maskbench.core.storage import cache_root
+
+    from .figures import figures_for_run
+
+    written, note = figures_for_run(run_dir, cache=Path(cache_dir) if cache_dir else cache_root(),
+                                    data_root=data_root, images=images, masks=masks)
+    if note:
+        print(f"note: no mask grid: {note}", file=sys.stderr)
+    from .page import write_pages
+
+    return written + write_pages(Path(run_dir).parent.parent)
+
+
+def _cmd_figures(args: argparse.Namespace) -> int:
+    for p in _draw_figures(Path(args.run), args.cache_dir, args.data_root, args.images, args.masks):
+        print(p)
     return 0
 
 
@@ -562,6 +600,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = measure(Path(args.out), limit=args.images)
             print(path.read_text())
             return 0
+        if args.command == "figures":
+            return _cmd_figures(args)
         if args.command == "methods":
             return _cmd_methods(args)
         if args.command == "metrics":
