@@ -290,17 +290,18 @@ def write_figures(run_dir: Path, *, cache: Path | None = None, dataset=None,
     if board.is_file():
         t = pd.read_csv(board)
         for stat, rows in t.groupby("statistic", sort=False):
-            written += save_figure(forest_plot(rows), out_dir / f"forest_{stat}")
-    if (run_dir / "class_table.csv").is_file():
-        written += save_figure(class_table_figure(pd.read_csv(run_dir / "class_table.csv"), labels),
-                               out_dir / "class_table")
-    if (run_dir / "randomisation.csv").is_file():
-        written += save_figure(randomisation_figure(pd.read_csv(run_dir / "randomisation.csv"), labels),
-                               out_dir / "randomisation")
-    if (run_dir / "meta_agreement.csv").is_file():
-        written += save_figure(agreement_figure(pd.read_csv(run_dir / "meta_agreement.csv")), out_dir / "agreement")
-    if (run_dir / "meta_ranks.csv").is_file():
-        written += save_figure(ranks_figure(pd.read_csv(run_dir / "meta_ranks.csv"), labels), out_dir / "ranks")
+            if rows["value"].notna().any():  # a statistic undefined on this data (e.g. IoU without masks): none
+                written += save_figure(forest_plot(rows), out_dir / f"forest_{stat}")
+    drawings = [("class_table", lambda t: class_table_figure(t, labels), "value"),
+                ("randomisation", lambda t: randomisation_figure(t, labels), "value"),
+                ("meta_agreement", agreement_figure, "tau"),
+                ("meta_ranks", lambda t: ranks_figure(t, labels), "rank_median")]
+    for table, draw, column in drawings:
+        path = run_dir / f"{table}.csv"
+        if path.is_file():
+            t = pd.read_csv(path)
+            if column in t and t[column].notna().any():  # nothing defined (e.g. no class table on ImageNet)
+                written += save_figure(draw(t), out_dir / table.removeprefix("meta_"))
     if dataset is not None and cache is not None:
         written += _write_masks(run_dir, Path(cache), dataset, images, labels, out_dir)
     return written

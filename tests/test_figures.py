@@ -72,6 +72,14 @@ def test_write_figures_on_the_published_run_without_a_model(tmp_path):
     assert {p.suffix for p in written} == {".png", ".pdf"} and len(written) == 2 * len(stems)
 
 
+def test_a_statistic_undefined_on_the_data_gets_no_forest_plot(tmp_path):
+    board = pd.read_csv(PUBLISHED / "leaderboard.csv")
+    board.loc[board["statistic"] == "iou", ["value", "ci_low", "ci_high"]] = float("nan")  # e.g. no masks
+    board.to_csv(tmp_path / "leaderboard.csv", index=False)
+    stems = {p.stem for p in figures.write_figures(tmp_path)}
+    assert "forest_iou" not in stems and "forest_mi" in stems
+
+
 def test_agreement_and_ranks_figures_hold_every_statistic():
     agreement = pd.read_csv(PUBLISHED / "meta_agreement.csv")
     names = list(dict.fromkeys(agreement["statistic_a"]))
