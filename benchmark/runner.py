@@ -38,7 +38,7 @@ from maskbench.core.provenance import code_hash, git_revision, library_versions
 from maskbench.core.registry import import_plugin
 from maskbench.core.storage import cache_root, stable_hash, write_json
 from maskbench.core.store import COMPLETE, MaskCache, RowStore, rows_from_values, with_markers
-from maskbench.datasets import DATASETS, AttributionDataset, Batch, build_dataset, collate
+from maskbench.datasets import DATASETS, AttributionDataset, Batch, build_split, collate
 from maskbench.methods import METHODS, AttributionMethod, MethodContext, build_method, check_masks
 from maskbench.metrics import MetricInputs, MetricSpec, select_metrics, value_range
 
@@ -502,11 +502,9 @@ def prepare(config: RunConfig) -> _Session:
         mdist.barrier("waiting for rank 0 to prepare the data and the classifier")
 
     data_meta = DATASETS.meta(config.dataset)
-    roles = data_meta.get("splits", {})  # the data set's names of the train / val / test roles (COCO: val2014)
 
     def datasets(split: str) -> AttributionDataset:
-        return build_dataset(config.dataset, root=config.data_root, split=roles.get(split, split),
-                             image_size=config.image_size)
+        return build_split(config.dataset, split, root=config.data_root, image_size=config.image_size)
 
     test = datasets(config.split)
     image_ids = test.image_ids[: config.limit] if config.limit else list(test.image_ids)

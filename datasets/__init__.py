@@ -22,6 +22,13 @@ def build_dataset(name: str, **kwargs: Any) -> AttributionDataset:
     return DATASETS.get(name)(**kwargs)
 
 
+def build_split(name: str, split: str, **kwargs: Any) -> AttributionDataset:
+    """:func:`build_dataset` of one split, named by its role (``train``, ``val``, ``test``: mapped through the
+    data set's registered ``splits``, e.g. COCO's test role is ``val2014``) or by its own name."""
+    roles = DATASETS.meta(name).get("splits", {})
+    return build_dataset(name, split=roles.get(split, split), **kwargs)
+
+
 __all__ = [
     "DATASETS",
     "SYNTHETIC_CLASSES",
@@ -36,6 +43,7 @@ __all__ = [
     "SyntheticDataset",
     "VOCDataset",
     "build_dataset",
+    "build_split",
     "collate",
     "generate_synthetic",
 ]
