@@ -41,7 +41,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from maskbench.core.errors import MaskbenchError  # noqa: E402
 from maskbench.core.storage import atomic_write, read_json  # noqa: E402
-from maskbench.core.store import MaskCache  # noqa: E402
+from maskbench.core.store import MaskCache, RowStore  # noqa: E402
 
 TEXT_WIDTH = 7.0  # inches: the text width of a two-column paper (one column: 3.3)
 DPI = 200
@@ -274,13 +274,9 @@ def _labels(run_dir: Path) -> dict[str, str]:
     return dict(zip(t["method"], t["method_label"], strict=True))
 
 
-def write_figures(run_dir: Path, *, cache: Path | None = None, dataset=None,
-                  images: Sequence[str] | None = None) -> list[Path]:
-    """Every figure the run's stored files allow (see the module docstring), under ``run_dir/figures``.
-
-    ``dataset``: the run's test split (an :class:`~maskbench.datasets.base.AttributionDataset`) for the mask
-    grid, which is skipped without it or without ``cache``; ``images`` its image ids (default
-    :func:`default_images`). Returns the files written.
+def write_figures(run_dir: Path) -> list[Path]:
+    """Every figure the run's stored tables allow (see the module docstring), under ``run_dir/figures``; the mask
+    grid, which also needs the data and the mask cache, is :func:`figures_for_run`'s. Returns the files written.
     """
     run_dir = Path(run_dir)
     out_dir = run_dir / "figures"
@@ -302,8 +298,6 @@ def write_figures(run_dir: Path, *, cache: Path | None = None, dataset=None,
             t = pd.read_csv(path)
             if column in t and t[column].notna().any():  # nothing defined (e.g. no class table on ImageNet)
                 written += save_figure(draw(t), out_dir / table.removeprefix("meta_"))
-    if dataset is not None and cache is not None:
-        written += _write_masks(run_dir, Path(cache), dataset, images, labels, out_dir)
     return written
 
 
@@ -330,10 +324,10 @@ def _write_masks(run_dir: Path, cache: Path, dataset, images: Sequence[str] | No
         chosen = list(images)
     else:
         chosen = default_images(run_ids, first_class, dataset.num_classes)
-    metas = {p.stem: read_json(p) for p in sorted((run_dir / "per_image").glob("*.json"))}
-    order = [m for m in labels if any(meta.get("method") == m for meta in metas.values())]
-    by_name = {meta["method"]: meta for meta in metas.values() if "cache_key" in meta}
-    order = [m for m in order if m in by_name and m != "constant-0" and not m.startswith("constant")]
+    store = RowStore(run_dir)
+    metas = [store.load_meta(stem) for stem in store.methods()]
+    by_name = {meta["method"]: meta for meta in metas if "cache_key" in meta}
+    order = [m for m in labels if m in by_name and not m.startswith("constant")]  # table order, no constant maps
     caches = {m: run_masks(run_dir, cache, by_name[m]) for m in order}
     rows_images, rows_maps, names = [], [], []
     mean = np.asarray(dataset.mean, dtype=np.float32)[:, None, None]
@@ -347,10 +341,8 @@ def _write_masks(run_dir: Path, cache: Path, dataset, images: Sequence[str] | No
         maps = []
         for m in order:
             hit = caches[m].get(image_id)
-            if hit is None or c is None or c not in set(hit[0].tolist()):
-                maps.append(None)
-            else:
-                maps.append(hit[1][hit[0].tolist().index(c)].astype(np.float32))
+            classes = [] if hit is None else hit[0].tolist()
+            maps.append(hit[1][classes.index(c)].astype(np.float32) if c in classes else None)
         rows_maps.append(maps)
     if not any(m is not None for row in rows_maps for m in row):
         raise MaskbenchError(f"figures: no cached masks of {run_dir} under {cache}/masks; run `maskbench bench` "
@@ -364,7 +356,7 @@ def figures_for_run(run_dir: Path, *, cache: Path, data_root: str | None = None,
     """:func:`write_figures` for a stored run, its test split rebuilt from ``run.json`` (data set, split, image
     size; ``data_root`` as ``bench`` took it). Returns the files written and, when the mask grid could not be
     drawn (no cached masks: a fresh clone), why."""
-    from maskbench.datasets import DATASETS, build_dataset
+    from maskbench.datasets import build_split
 
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").is_file():
@@ -374,10 +366,9 @@ def figures_for_run(run_dir: Path, *, cache: Path, data_root: str | None = None,
     if not masks:
         return written, None
     identity = read_json(run_dir / "run.json")["identity"]
-    roles = DATASETS.meta(identity["dataset"]).get("splits", {})
     size = identity.get("image_size")
-    dataset = build_dataset(identity["dataset"], root=data_root, split=roles.get(identity["split"], identity["split"]),
-                            image_size=size[0] if size and size[0] == size[-1] else None)
+    dataset = build_split(identity["dataset"], identity["split"], root=data_root,
+                          image_size=size[0] if size and size[0] == size[-1] else None)
     try:
         written += _write_masks(run_dir, Path(cache), dataset, images, _labels(run_dir), run_dir / "figures")
     except MaskbenchError as exc:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from maskbench.core.storage import atomic_write, read_json
+from maskbench.core.store import RowStore
 
 LONG = {"statistic", "method", "value", "ci_low", "ci_high"}
 TABLE_ORDER = ["leaderboard", "segmentation", "class_contrast", "faithfulness", "explainability", "pointing",
@@ -122,12 +123,13 @@ def _tables(run_dir: Path) -> list[Path]:
 
 def _methods_section(run_dir: Path) -> str:
     rows = []
-    for p in sorted((run_dir / "per_image").glob("*.json")):
-        meta = read_json(p)
+    store = RowStore(run_dir)
+    for stem in store.methods():
+        meta = store.load_meta(stem)
         timing = meta.get("timing", {})
         setup = meta.get("setup", {}) or {}
         rows.append([
-            _cell(str(meta.get("label", meta.get("method", p.stem)))), _cell(str(meta.get("method", p.stem))),
+            _cell(str(meta.get("label", meta.get("method", stem)))), _cell(str(meta.get("method", stem))),
             _cell(str(meta.get("family", ""))), _cell(str(meta.get("preset", ""))),
             _cell(str(meta.get("paper", "") or "")),
             _cell(float(timing.get("explain_seconds", float("nan")))),
