@@ -258,14 +258,20 @@ def _hierarchy(removed: Tensor, dtype: torch.dtype, kernel: Tensor) -> list[_Lev
         u = 1.0 - F.max_pool2d(1.0 - u, 2, ceil_mode=True)
 
 
+def _direct_solve(level: _Level, rhs: Tensor) -> Tensor:
+    """The coarsest level's system solved by its Cholesky factors, for each problem and channel of ``rhs``."""
+    n, c, h, w = rhs.shape
+    x = torch.cholesky_solve(rhs.reshape(n, c, h * w).transpose(1, 2), level.chol)
+    return x.transpose(1, 2).reshape(n, c, h, w)
+
+
 def _vcycle(r: Tensor, levels: Sequence[_Level], kernel: Tensor, transfer: Tensor) -> Tensor:
     """One symmetric V(1, 1)-cycle from zero for A e = r (``r`` zero off the unknowns): damped-Jacobi pre- and
     post-smoothing, bilinear transfers (restriction = prolongation transposed), direct solve at the bottom."""
     top = levels[0]
-    n, c, h, w = r.shape
+    h, w = r.shape[-2:]
     if top.chol is not None:
-        x = torch.cholesky_solve(r.reshape(n, c, h * w).transpose(1, 2), top.chol)
-        return x.transpose(1, 2).reshape(n, c, h, w) * top.u
+        return _direct_solve(top, r) * top.u
     e = OMEGA * top.inv_degree * r
     coarse = _restrict(r - _apply(top, e, kernel), transfer) * levels[1].u
     e = e + top.u * _prolong(_vcycle(coarse, levels[1:], kernel, transfer), h, w, transfer)
@@ -331,15 +337,14 @@ def _solve(known: Tensor, levels: list[_Level], rtol: float, check_every: int,
     """Cascadic: solve the problem on the next coarser grid (kept coarse pixels: the mean of their kept pixels),
     upsample it as the start, then run multigrid-preconditioned CG on this grid."""
     top = levels[0]
-    n, c, h, w = known.shape
+    n, _, h, w = known.shape
     kept = 1.0 - top.u
     if top.chol is not None:  # the coarsest grid: solved directly
         kernel = neighbour_weights(known.dtype, known.device)
         rhs = torch.where(top.u > 0, _neighbour_sum(known * kept, kernel), known)
-        x = torch.cholesky_solve(rhs.reshape(n, c, h * w).transpose(1, 2), top.chol)
         if stats is not None:
             stats.append(LevelStats((h, w), 0, torch.zeros(n, dtype=torch.long, device=known.device)))
-        return x.transpose(1, 2).reshape(n, c, h, w)
+        return _direct_solve(top, rhs)
     total = F.avg_pool2d(known * kept, 2, ceil_mode=True)  # same divisor for both: their ratio is the mean
     share = F.avg_pool2d(kept, 2, ceil_mode=True)
     coarse_known = torch.where(share > 0, total / share.clamp_min(1e-12), 0.0)
