@@ -12,6 +12,11 @@ and one PDF (vector, for papers) per figure, sized for a two-column paper (:data
   target class x mask class, the G.T. panel first as the reference.
 * ``forest_<statistic>``: each leaderboard statistic per method, value and 95 % bootstrap interval, reference
   rows apart below a rule, the best method filled.
+* ``curves_insertion``, ``curves_deletion``, ``curves_mf``: the faithfulness curves (RISE's Fig. 4; DGMP eq. 8's
+  normalised curve), one panel per method: the mean over images of the stored per-image curves
+  (``per_image/<method>.curves.npz``) at revealed fractions k/32 and the 95 % percentile bootstrap band of that
+  mean at each point, over the random-uniform reference's mean curve (dashed); the panel title gives the
+  table's value and interval (the area under the curves at their native resolution).
 * ``randomisation``: when ``maskbench sanity`` ran, the cascading model-randomisation curves (Spearman with
   95 % bands per step, from the head down), the Gaussian-noise control dashed.
 * ``agreement``: when the meta-evaluation ran, the Kendall tau_b matrix of the leaderboard statistics.
@@ -20,8 +25,6 @@ and one PDF (vector, for papers) per figure, sized for a two-column paper (:data
 Colours: ``viridis`` for maps (perceptually uniform, readable in grey and by colour-blind readers), ``PuOr``
 (diverging, colour-blind safe) for tau, the Okabe-Ito palette for methods.
 
-Not yet drawn (issue 15): the insertion, deletion and M_F curves, which need the per-image curves stored with the
-rows (the rows hold each curve's area only).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from maskbench.core.errors import MaskbenchError  # noqa: E402
+from maskbench.core.stats import column_intervals  # noqa: E402
 from maskbench.core.storage import atomic_write, read_json  # noqa: E402
 from maskbench.core.store import MaskCache, RowStore  # noqa: E402
 
@@ -51,6 +55,33 @@ OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "
 STYLE = {"font.size": 7, "axes.titlesize": 7, "axes.labelsize": 7, "xtick.labelsize": 6, "ytick.labelsize": 6,
          "legend.fontsize": 6, "font.family": "DejaVu Sans", "pdf.fonttype": 42, "axes.linewidth": 0.6}
 REFERENCE = "reference"
+
+
+# what each figure shows, by file-name prefix, in the order a results page lists them
+CAPTIONS = {
+    "masks": "Qualitative grid: each method's map of the image's first true class (viridis, one scale [0, 1]).",
+    "forest_": "Leaderboard statistic per method: value and 95 % bootstrap interval; reference rows apart, best "
+               "method filled.",
+    "curves_": "Faithfulness curves: mean over images of the per-image curves and the 95 % bootstrap band at "
+               "each point, random-uniform dashed; title: the table's value and interval.",
+    "class_table": "Class-specific masking table (NeurIPS 2022 Table 1) per method: target x mask class, G.T. "
+                   "first.",
+    "randomisation": "Cascading model randomisation: Spearman correlation of trained vs randomised maps, 95 % "
+                     "bands.",
+    "agreement": "Kendall tau_b between the method rankings of every pair of leaderboard statistics.",
+    "ranks": "Median rank of each method over the bootstrap resamples, with its 95 % interval (1 = best).",
+}
+
+
+def figure_caption(stem: str) -> str:
+    """The caption of a figure file's stem (see :data:`CAPTIONS`); empty for a figure not listed there."""
+    return next((text for prefix, text in CAPTIONS.items() if stem.startswith(prefix)), "")
+
+
+def figure_order(stem: str) -> tuple[int, str]:
+    """Sort key of a figure file's stem: the order of :data:`CAPTIONS`, then the name; unknown ones last."""
+    rank = next((i for i, prefix in enumerate(CAPTIONS) if stem.startswith(prefix)), len(CAPTIONS))
+    return rank, stem
 
 
 def save_figure(fig: Figure, stem: Path) -> list[Path]:
@@ -132,6 +163,83 @@ def class_table_figure(table: pd.DataFrame, labels: dict[str, str]) -> Figure:
         cax = fig.add_axes((0.945, 0.15, 0.012, 0.7), label="<colorbar>")
         fig.colorbar(image, cax=cax, label="target probability (%)")
     return fig
+
+
+# -- faithfulness curves ----------------------------------------------------------------------------------------
+
+CURVES = {  # stored curve -> (faithfulness.csv statistic, y label, title)
+    "insertion": ("insertion", "class probability", "Insertion (blurred image -> image)"),
+    "deletion": ("deletion", "class probability", "Deletion (image -> mean colour)"),
+    "mf": ("mf_clipped", "(q - q_F) / (q_O - q_F), clipped", "M_F curve (blur -> image, normalised)"),
+}
+CURVE_BASELINE = "random-uniform"
+
+
+def mean_curve(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Per x of (n, S) per-image curves (NaN rows: undefined images): the mean, its 95 % percentile bootstrap
+    interval (:func:`~maskbench.core.stats.column_intervals`, images resampled) and the number of images."""
+    keep = ~np.isnan(values).all(1)
+    mean, lo, hi = column_intervals(values[keep])
+    return mean, lo, hi, int(keep.sum())
+
+
+def curves_figure(x: np.ndarray, curves: dict[str, np.ndarray], labels: dict[str, str],
+                  titles: dict[str, str], ylabel: str, title: str) -> Figure:
+    """One panel per method of ``curves`` (method -> (n, S) per-image curves at ``x``), in that order: its mean
+    curve and 95 % band, and the :data:`CURVE_BASELINE` mean curve dashed when it is among ``curves``."""
+    methods = [m for m in curves if not np.isnan(curves[m]).all()]
+    if not methods:
+        raise MaskbenchError(f"curves_figure: no defined curve to draw ({title})")
+    base = mean_curve(curves[CURVE_BASELINE])[0] if CURVE_BASELINE in methods else None
+    cols = min(5, len(methods))
+    nrows = -(-len(methods) // cols)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(nrows, cols, figsize=(TEXT_WIDTH, 1.25 * nrows + 0.45), squeeze=False,
+                                 sharex=True, sharey=True)
+        for ax, m in zip(axes.flat, methods, strict=False):
+            mean, lo, hi, n = mean_curve(curves[m])
+            if base is not None and m != CURVE_BASELINE:
+                ax.plot(x, base, color="0.55", lw=0.7, ls="--")
+            ax.fill_between(x, lo, hi, color=OKABE_ITO[0], alpha=0.25, lw=0)
+            ax.plot(x, mean, color=OKABE_ITO[0], lw=1)
+            ax.set_title(f"{labels.get(m, m)}\n{titles.get(m, '')} (n={n})", pad=2, fontsize=6)
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+            ax.set_xticks([0, 0.5, 1], ["0", "0.5", "1"])
+            ax.set_yticks([0, 0.5, 1], ["0", "0.5", "1"])
+            ax.grid(lw=0.3, color="0.9")
+            ax.set_axisbelow(True)
+        for ax in list(axes.flat)[len(methods):]:
+            ax.set_visible(False)
+        fig.supxlabel("fraction of pixels revealed, most salient first", fontsize=7)
+        fig.supylabel(ylabel, fontsize=7)
+        baseline = f"; dashed: {labels.get(CURVE_BASELINE, CURVE_BASELINE)}" if base is not None else ""
+        fig.suptitle(f"{title}: mean over images, 95 % band{baseline}", fontsize=7)
+        fig.tight_layout(h_pad=0.4, w_pad=0.3)
+    return fig
+
+
+def stored_curves(run_dir: Path, metric: str = "curves"
+                  ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+    """The per-image curves of every stored method (their current key, in the run's image order): x grid per
+    curve name, and curve name -> method -> (n, S) values; methods in leaderboard order, constant maps left out
+    (their ranked reveal is the random-uniform one's)."""
+    store = RowStore(run_dir)
+    run = run_dir / "run.json"
+    image_ids = [str(i) for i in read_json(run)["image_ids"]] if run.is_file() else None
+    order = list(_labels(run_dir)) or store.methods()
+    xs: dict[str, np.ndarray] = {}
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for m in order:
+        meta = store.load_meta(m, strict=False)
+        key = meta.get("metric_keys", {}).get(metric)
+        if key is None or m.startswith("constant"):
+            continue
+        table, _ = store.load_curves(m, metric, key)
+        for name in table.y:
+            xs[name] = table.x[name]
+            out.setdefault(name, {})[m] = table.values(name, image_ids or sorted(table.image_ids))
+    return xs, out
 
 
 # -- sanity and meta-evaluation ---------------------------------------------------------------------------------
@@ -288,6 +396,17 @@ def write_figures(run_dir: Path) -> list[Path]:
         for stat, rows in t.groupby("statistic", sort=False):
             if rows["value"].notna().any():  # a statistic undefined on this data (e.g. IoU without masks): none
                 written += save_figure(forest_plot(rows), out_dir / f"forest_{stat}")
+    xs, curves = stored_curves(run_dir)
+    faith = pd.read_csv(run_dir / "faithfulness.csv") if (run_dir / "faithfulness.csv").is_file() else None
+    for name, per_method in curves.items():
+        stat, ylabel, title = CURVES.get(name, (name, "value", name))
+        titles = {}
+        if faith is not None:
+            for r in faith[faith["statistic"] == stat].itertuples():
+                titles[r.method] = f"{r.value:.1f} [{r.ci_low:.1f}, {r.ci_high:.1f}]"
+        if any(not np.isnan(v).all() for v in per_method.values()):
+            written += save_figure(curves_figure(xs[name], per_method, labels, titles, ylabel, title),
+                                   out_dir / f"curves_{name}")
     drawings = [("class_table", lambda t: class_table_figure(t, labels), "value"),
                 ("randomisation", lambda t: randomisation_figure(t, labels), "value"),
                 ("meta_agreement", agreement_figure, "tau"),

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from maskbench.benchmark.figures import figure_caption, figure_order
 from maskbench.core.storage import atomic_write, read_json
 from maskbench.core.store import RowStore
 
@@ -168,14 +169,16 @@ def run_page(run_dir: Path) -> str:
             links += f' · <a href="{p.with_suffix(".tex").name}">LaTeX</a>'
         body = wide_statistics(t) if LONG <= set(t.columns) else plain_table(t)
         parts.append(f'<h3 id="{p.stem}">{html.escape(p.stem)}</h3><p>{links}</p>{body}')
-    figs = sorted((run_dir / "figures").glob("*.png"))
+    figs = sorted((run_dir / "figures").glob("*.png"), key=lambda f: figure_order(f.stem))
     if figs:
         parts.append("<h2>Figures</h2>")
         for f in figs:
             pdf = f.with_suffix(".pdf")
             link = f' · <a href="figures/{pdf.name}">PDF</a>' if pdf.is_file() else ""
+            caption = figure_caption(f.stem)
             parts.append(f'<figure><img src="figures/{f.name}" alt="{html.escape(f.stem)}">'
-                         f"<figcaption>{html.escape(f.stem)}{link}</figcaption></figure>")
+                         f"<figcaption><b>{html.escape(f.stem)}</b>{link}"
+                         f"{'. ' + html.escape(caption) if caption else ''}</figcaption></figure>")
     if (run_dir / "per_image").is_dir():
         parts.append("<h2>Methods</h2>" + _methods_section(run_dir))
     notes = [p for p in ("deviations.md",) if (run_dir / p).is_file()]

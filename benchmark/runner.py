@@ -37,10 +37,10 @@ from maskbench.core.errors import MaskbenchError, ModelChangedError, TrainingInc
 from maskbench.core.provenance import code_hash, git_revision, library_versions
 from maskbench.core.registry import import_plugin
 from maskbench.core.storage import cache_root, stable_hash, write_json
-from maskbench.core.store import COMPLETE, MaskCache, RowStore, rows_from_values, with_markers
+from maskbench.core.store import COMPLETE, CurveTable, MaskCache, RowStore, rows_from_values, with_markers
 from maskbench.datasets import DATASETS, AttributionDataset, Batch, build_split, collate
 from maskbench.methods import METHODS, AttributionMethod, MethodContext, build_method, check_masks
-from maskbench.metrics import MetricInputs, MetricSpec, select_metrics, value_range
+from maskbench.metrics import Curves, MetricInputs, MetricSpec, select_metrics, value_range
 
 from . import distributed as mdist
 from .config import RunConfig
@@ -151,8 +151,10 @@ class _MethodRun:
         self.metric_keys = {n: stable_hash({"masks": self.run_key, "metric": n, "version": spec.version})
                             for n, spec in session.metric_specs.items()}
         self.masks = method_masks(session, method, self.cache_key)
-        if self.rank == 0 and (session.store.shards(self.name) or self.masks.rank_timing_files()):
-            # what an interrupted multi-process run left: its ranks' rows and compute times
+        self.curve_metrics = [n for n, spec in session.metric_specs.items() if spec.curves]
+        if self.rank == 0 and (session.store.shards(self.name) or self.masks.rank_timing_files()
+                               or any(session.store.curve_shards(self.name, n) for n in self.curve_metrics)):
+            # what an interrupted multi-process run left: its ranks' rows, curves and compute times
             self._merge_ranks(session.store.check(self.name).rows)
         mdist.barrier(f"before {self.name}")
         found = session.store.check(self.name)  # validated: damaged images are recomputed, never "undefined"
@@ -168,6 +170,14 @@ class _MethodRun:
         # an (image, metric) pair is done when its rows were stored: each carries a COMPLETE marker row
         marks = current[current["metric"] == COMPLETE]
         done_pairs = set(zip(marks["run_key"], marks["image_id"], strict=True))
+        # a curve metric's images are done when their curves are stored under its current key
+        self.kept_curves: dict[str, CurveTable] = {}
+        self.new_curves: dict[str, list[CurveTable]] = {n: [] for n in self.curve_metrics}
+        for n in self.curve_metrics:
+            table, problems = session.store.load_curves(self.name, n, self.metric_keys[n])
+            self.summary.warnings += [f"damaged curves, recomputed: {p}" for p in problems[:10]]
+            self.kept_curves[n] = table if session.config.resume else CurveTable()
+            done_pairs |= {(self.metric_keys[n], iid) for iid in self.kept_curves[n].image_ids}
         self.todo_metrics = {iid: [n for n, k in self.metric_keys.items() if (k, iid) not in done_pairs]
                              for iid in session.image_ids}
         self.done = {iid for iid, names in self.todo_metrics.items() if not names}
@@ -193,20 +203,30 @@ class _MethodRun:
         self.warmed_up = False
         self.aborted = False  # the method broke the run's contract (changed the model, setup failed)
 
-    def _merge_ranks(self, rows: pd.DataFrame) -> pd.DataFrame:
-        """Rank 0: ``rows`` plus the other ranks' shards of this method, saved (the shards then deleted), and
-        their compute times folded into the mask cache's; returns the merged rows."""
+    def _merge_ranks(self, rows: pd.DataFrame, curves: dict[str, CurveTable] | None = None
+                     ) -> tuple[pd.DataFrame, dict[str, CurveTable]]:
+        """Rank 0: ``rows`` and ``curves`` (default: the stored ones) plus the other ranks' shards of this
+        method, saved (the shards then deleted), and their compute times folded into the mask cache's; returns
+        the merged rows and curves."""
         store = self.s.store
         merged, problems = store.merge_shards(self.name, rows)
         self.summary.warnings += [f"damaged row of a rank's shard, recomputed: {p}" for p in problems[:10]]
-        if merged is not rows:
+        if curves is None:
+            curves = {n: store.load_curves(self.name, n)[0] for n in self.curve_metrics}
+        merged_curves = {}
+        for n in self.curve_metrics:
+            merged_curves[n], problems = store.merge_curve_shards(self.name, n, curves[n])
+            self.summary.warnings += [f"damaged curves of a rank's shard, recomputed: {p}" for p in problems[:10]]
+        if merged is not rows or any(store.curve_shards(self.name, n) for n in self.curve_metrics):
             if not self.s.claimed:
                 claim_run_dir(self.s.run_dir, self.s.identity, self.s.image_ids)
                 self.s.claimed = True
+            for n, table in merged_curves.items():
+                store.save_curves(self.name, n, table)
             store.save(self.name, merged)
-            store.drop_shards(self.name)
+            store.drop_shards(self.name, self.curve_metrics)
         self.masks.merge_rank_timings()
-        return merged
+        return merged, merged_curves
 
     def _save_timing(self) -> None:
         """The compute time of the cached masks: rank 0 keeps the total, another rank its own part."""
@@ -219,18 +239,24 @@ class _MethodRun:
         write_json(self.masks.rank_timing_path(self.rank), part)
 
     def save(self, final: bool = False) -> None:
-        if self.rank != 0:  # another rank keeps its rows to itself until rank 0 merges them
+        store = self.s.store
+        if self.rank != 0:  # another rank keeps its rows and curves to itself until rank 0 merges them
+            for n in self.curve_metrics:
+                store.save_curve_shard(self.name, n, self.rank, CurveTable.concat(self.new_curves[n]))
             mine = pd.concat(self.new_rows, ignore_index=True) if self.new_rows else self.kept.iloc[0:0]
-            self.s.store.save_shard(self.name, self.rank, mine)
+            store.save_shard(self.name, self.rank, mine)
             return
         rows = pd.concat([self.kept, *self.new_rows], ignore_index=True) if self.new_rows else self.kept
+        curves = {n: CurveTable.concat([self.kept_curves[n], *self.new_curves[n]]) for n in self.curve_metrics}
         if final and self.world > 1:  # every rank has saved its shard (barrier in run())
-            rows = self._merge_ranks(rows)
+            rows, curves = self._merge_ranks(rows, curves)
             self.timing = self.masks.load_timing()
         if not self.s.claimed:
             claim_run_dir(self.s.run_dir, self.s.identity, self.s.image_ids)
             self.s.claimed = True
-        self.s.store.save(self.name, rows)
+        for n, table in curves.items():  # before the rows: stored curves count as done by themselves
+            store.save_curves(self.name, n, table)
+        store.save(self.name, rows)
         m = self.method
         self.s.store.save_meta(self.name, {
             "method": self.name, "label": self.label(), "family": m.family, "paper": m.paper,
@@ -346,14 +372,24 @@ class _MethodRun:
             if n not in wanted:  # stored for every image of the batch already
                 continue
             result = spec.fn(inputs)
+            todo = [iid for iid in kept_ids if n in self.todo_metrics[iid]]
+            if spec.curves:
+                if not isinstance(result, Curves):
+                    raise MaskbenchError(f"metric '{n}' is registered with curves=True but returned "
+                                         f"{type(result).__name__}, not maskbench.metrics.Curves")
+                wanted_ids = set(todo)
+                table = CurveTable(kept_ids, [self.metric_keys[n]] * len(kept_ids),
+                                   {c: x.double().cpu().numpy() for c, x in result.x.items()},
+                                   {c: y.float().cpu().numpy() for c, y in result.y.items()})
+                self.new_curves[n].append(table.select([iid in wanted_ids for iid in kept_ids]))
+                continue
             if isinstance(result, dict):  # a table of values per image, e.g. classmask/t<target>/m<mask>
                 values = {f"{n}/{key}": v.float().cpu().tolist() for key, v in result.items()}
             else:
                 values = {n: result.float().cpu().tolist()}
-            todo = [iid for iid in kept_ids if n in self.todo_metrics[iid]]
             metric_rows = rows_from_values(kept_ids, values, self.metric_keys[n])
             parts.append(metric_rows[metric_rows["image_id"].isin(todo)])
-        if not parts:
+        if not parts:  # only curves (or nothing) were wanted: no rows
             return
         rows = pd.concat(parts, ignore_index=True)
         # cells of a per-image table that do not apply to an image (NaN) are left out; scalar NaN are kept

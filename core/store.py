@@ -9,6 +9,10 @@
   the metric's name and version), and a sidecar ``per_image/<method>.json`` with what tables need to know about
   the method (label, family, preset, config, the current key of each metric, timings, counts). Rows whose key is
   not a current one are stale and recomputed.
+* Beside them, per method and curve metric, ``per_image/<method>.<metric>.npz`` (:class:`CurveTable`): each
+  image's curves (e.g. insertion, deletion) as float16 on a fixed x grid, with the metric's key per image, so
+  figures draw mean curves and their bands without a model. An image's curves are done when stored under the
+  current key; they are written before the rows, shard and merge across ranks the same way.
 
 Every write is atomic (temporary file + rename), so an interrupted run loses at most the batch in flight.
 """
@@ -194,7 +198,8 @@ def validate_rows(df: pd.DataFrame, path: Path, valid_range: Callable[[str], tup
 class RowStore:
     """Per-image metric rows and method sidecars under ``<results>/<dataset>/<run>/per_image``.
 
-    ``valid_range(metric)`` (from the metric registry) bounds stored values; rows are validated on load.
+    ``valid_range(metric)`` (from the metric registry) bounds stored values; rows are validated on load, and
+    so are stored curves (:meth:`load_curves`), against ``valid_range`` of their metric.
     """
 
     def __init__(self, run_dir: Path, valid_range: Callable[[str], tuple[float, float]] | None = None):
@@ -279,8 +284,9 @@ class RowStore:
         """The rank shards of ``method`` waiting to be merged (:meth:`shard_path`)."""
         return sorted((self.dir / ".shards").glob(f"{_safe(method)}.rank*.csv"))
 
-    def drop_shards(self, method: str) -> None:
-        for path in self.shards(method):
+    def drop_shards(self, method: str, curve_metrics: list[str] | tuple[str, ...] = ()) -> None:
+        """Delete the rank shards of ``method``'s rows and of its curves of ``curve_metrics``."""
+        for path in [*self.shards(method), *(p for m in curve_metrics for p in self.curve_shards(method, m))]:
             path.unlink(missing_ok=True)
 
     def load_meta(self, method: str, *, strict: bool = True) -> dict[str, Any]:
@@ -302,9 +308,138 @@ class RowStore:
     def save_meta(self, method: str, meta: dict[str, Any]) -> None:
         write_json(self.meta_path(method), meta)
 
+    def curves_path(self, method: str, metric: str) -> Path:
+        return self.dir / f"{_safe(method)}.{_safe(metric)}.npz"
+
+    def curve_shard_path(self, method: str, metric: str, rank: int) -> Path:
+        return self.dir / ".shards" / f"{_safe(method)}.{_safe(metric)}.rank{rank}.npz"
+
+    def load_curves(self, method: str, metric: str, run_key: str | None = None) -> tuple[CurveTable, list[str]]:
+        """A method's stored curves of ``metric`` (with ``run_key``: only those computed under it) and the
+        problems found (damaged images are left out, to be recomputed)."""
+        rng = self.valid_range(metric) if self.valid_range else (-math.inf, math.inf)
+        table, problems = read_curves(self.curves_path(method, metric), rng)
+        return (table.with_key(run_key) if run_key is not None else table), problems
+
+    def save_curves(self, method: str, metric: str, table: CurveTable) -> None:
+        write_curves(self.curves_path(method, metric), table)
+
+    def save_curve_shard(self, method: str, metric: str, rank: int, table: CurveTable) -> None:
+        path = self.curve_shard_path(method, metric, rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_curves(path, table)
+
+    def curve_shards(self, method: str, metric: str) -> list[Path]:
+        return sorted((self.dir / ".shards").glob(f"{_safe(method)}.{_safe(metric)}.rank*.npz"))
+
+    def merge_curve_shards(self, method: str, metric: str, table: CurveTable) -> tuple[CurveTable, list[str]]:
+        """``table`` plus every rank's shard of the method's ``metric`` curves (a later image replacing an earlier
+        one), and the problems of damaged shards; the shards are deleted by :meth:`drop_shards`."""
+        rng = self.valid_range(metric) if self.valid_range else (-math.inf, math.inf)
+        parts, problems = [table], []
+        for path in self.curve_shards(method, metric):
+            found, found_problems = read_curves(path, rng)
+            parts.append(found)
+            problems += found_problems
+        return CurveTable.concat(parts), problems
+
     def methods(self) -> list[str]:
         """File stems of the stored methods (a rows file or a sidecar is enough)."""
         return sorted({p.stem for p in self.dir.glob("*.json")} | {p.stem for p in self.dir.glob("*.csv")})
+
+
+@dataclass
+class CurveTable:
+    """Per-image curves of one curve metric for one method: ``image_ids`` and ``run_keys`` (N,), and per curve
+    name its x grid ``x[name]`` (S,) and values ``y[name]`` (N, S) (float16 when stored; NaN = undefined)."""
+
+    image_ids: list[str] = field(default_factory=list)
+    run_keys: list[str] = field(default_factory=list)
+    x: dict[str, np.ndarray] = field(default_factory=dict)
+    y: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def select(self, keep: np.ndarray | list[bool]) -> CurveTable:
+        keep = np.asarray(keep, dtype=bool)
+        return CurveTable([i for i, k in zip(self.image_ids, keep, strict=True) if k],
+                          [r for r, k in zip(self.run_keys, keep, strict=True) if k],
+                          dict(self.x), {n: v[keep] for n, v in self.y.items()})
+
+    def with_key(self, run_key: str) -> CurveTable:
+        return self.select([k == run_key for k in self.run_keys])
+
+    def values(self, name: str, image_ids: list[str]) -> np.ndarray:
+        """``y[name]`` as float64 rows in the order of ``image_ids`` (a row of NaN for an image not stored)."""
+        pos = {iid: i for i, iid in enumerate(self.image_ids)}
+        out = np.full((len(image_ids), len(self.x[name])), np.nan)
+        for r, iid in enumerate(image_ids):
+            if iid in pos:
+                out[r] = self.y[name][pos[iid]]
+        return out
+
+    @staticmethod
+    def concat(parts: list[CurveTable]) -> CurveTable:
+        """The parts in order, a later image replacing an earlier one of the same id and key. Every non-empty
+        part must hold the same curves on the same x grids (a changed grid changes the metric's key)."""
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return CurveTable()
+        first = parts[0]
+        for p in parts[1:]:
+            if set(p.y) != set(first.y) or any(not np.array_equal(p.x[n], first.x[n]) for n in first.x):
+                raise StoredDataError(f"curve tables with different curves or x grids: {sorted(first.y)} and "
+                                      f"{sorted(p.y)}")
+        ids = [i for p in parts for i in p.image_ids]
+        keys = [k for p in parts for k in p.run_keys]
+        last = {(k, i): j for j, (i, k) in enumerate(zip(ids, keys, strict=True))}
+        keep = sorted(last.values(), key=lambda j: (ids[j], keys[j]))
+        ys = {n: np.concatenate([p.y[n] for p in parts])[keep] for n in first.y}
+        return CurveTable([ids[j] for j in keep], [keys[j] for j in keep], dict(first.x), ys)
+
+
+def write_curves(path: Path, table: CurveTable) -> None:
+    """``table`` as a compressed ``.npz`` (values float16), atomically; the same table always gives the same
+    bytes (fixed member dates, unlike ``np.savez_compressed``), so rewriting unchanged curves changes no file."""
+    arrays = {"image_id": np.asarray(table.image_ids, dtype=str), "run_key": np.asarray(table.run_keys, dtype=str)}
+    for n in sorted(table.y):
+        arrays[f"x/{n}"] = np.asarray(table.x[n], dtype=np.float64)
+        arrays[f"y/{n}"] = np.asarray(table.y[n], dtype=np.float16)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, arr in arrays.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, arr, allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, member.getvalue())
+    atomic_write(path, buf.getvalue())
+
+
+def read_curves(path: Path, valid_range: tuple[float, float] = (-math.inf, math.inf)) -> tuple[CurveTable, list[str]]:
+    """A stored curve table and its problems: an unreadable file or inconsistent arrays is one problem and no
+    curves; an image with a value outside ``valid_range`` (or infinite) is a problem and is left out."""
+    if not path.is_file():
+        return CurveTable(), []
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            ids, keys = z["image_id"].astype(str).tolist(), z["run_key"].astype(str).tolist()
+            names = [k[2:] for k in z.files if k.startswith("y/")]
+            x = {n: z[f"x/{n}"].astype(np.float64) for n in names}
+            y = {n: z[f"y/{n}"].astype(np.float32) for n in names}
+        if len(keys) != len(ids) or any(v.shape != (len(ids), len(x[n])) for n, v in y.items()):
+            raise ValueError("arrays of inconsistent shapes")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        return CurveTable(), [f"{path}: unreadable ({type(exc).__name__}: {exc})"]
+    table = CurveTable(ids, keys, x, y)
+    lo, hi = valid_range
+    bad = np.zeros(len(ids), dtype=bool)
+    for v in y.values():
+        with np.errstate(invalid="ignore"):
+            bad |= (np.isinf(v) | (v < lo - 1e-3) | (v > hi + 1e-3)).any(1)
+    problems = [f"{path}: image {ids[i]} has curve values outside [{lo}, {hi}]" for i in np.flatnonzero(bad)[:20]]
+    return (table.select(~bad) if bad.any() else table), problems
 
 
 def with_markers(rows: pd.DataFrame) -> pd.DataFrame:

@@ -5,6 +5,7 @@ from . import class_table, faithfulness, grid, localisation, masked_classifier, 
 from .base import (
     METRICS,
     TABLES,
+    Curves,
     MetricInputs,
     MetricSpec,
     TableInputs,
@@ -20,7 +21,7 @@ from .base import (
 )
 from .localisation import box_union_masks
 
-__all__ = ["METRICS", "TABLES", "MetricInputs", "MetricSpec", "TableInputs", "TableSpec", "box_union_masks",
+__all__ = ["METRICS", "TABLES", "Curves", "MetricInputs", "MetricSpec", "TableInputs", "TableSpec", "box_union_masks",
            "merge_true_class_masks", "metric_statistic", "register_metric", "register_table", "select_metrics",
            "table_specs",
            "true_class_slots", "value_range"]

@@ -3,8 +3,11 @@
 A metric is a function ``fn(inputs: MetricInputs) -> Tensor`` returning one value per image, shape (B,),
 NaN where the metric is undefined for that image (e.g. no segmentation, or no true class), or a dict of such
 (B,) tensors stored as ``<metric>/<key>`` cells; the runner counts NaN values per metric and method, and tables
-report how many images each mean is over. Each registered metric carries its polarity (``higher_is_better``),
-the table it belongs to, its column label, its valid range and the diagnostic counts it stores.
+report how many images each mean is over. A metric registered with ``curves=True`` returns :class:`Curves`
+instead: a few named per-image curves on a fixed x grid, which the runner keeps beside the rows in one compact
+array file per method (:class:`~maskbench.core.store.CurveTable`) for figures to draw without a model. Each
+registered metric carries its polarity (``higher_is_better``), the table it belongs to, its column label, its
+valid range and the diagnostic counts it stores.
 
 A table is declared where its metrics are defined (:func:`register_table`, a :class:`TableSpec`): its
 statistics (:mod:`maskbench.core.stats`), caption, citation, headline statistic for the leaderboard and, when
@@ -42,6 +45,15 @@ class MetricInputs:
     batch: Any  # maskbench.datasets.Batch (labels, class_masks, ignore, has_seg, boxes)
 
 
+@dataclass
+class Curves:
+    """What a ``curves=True`` metric returns for a batch: per curve name, its x grid ``x[name]`` (S,) and the
+    images' values ``y[name]`` (B, S) on it, NaN where a point (or a whole curve) is undefined for an image."""
+
+    x: dict[str, Tensor]
+    y: dict[str, Tensor]
+
+
 @dataclass(frozen=True)
 class MetricSpec:
     name: str
@@ -57,6 +69,8 @@ class MetricSpec:
     applies_to: Callable[[str], bool] | None = None
     # scored only when a run asks for it (``bench --extra-metrics NAME``): too slow for the default run
     optional: bool = False
+    # fn returns :class:`Curves` (stored in ``per_image/<method>.<name>.npz``), not values for rows
+    curves: bool = False
 
     def applies(self, dataset: str) -> bool:
         """Whether a run on ``dataset`` (a registered data set name) scores this metric."""
@@ -105,7 +119,7 @@ def value_range(metric: str) -> tuple[float, float]:
 def register_metric(
     name: str, *, higher_is_better: bool, table: str, label: str | None = None, version: str = "1",
     valid_range: tuple[float, float] = (-math.inf, math.inf), diagnostics: dict[str, str] | None = None,
-    applies_to: Callable[[str], bool] | None = None, optional: bool = False,
+    applies_to: Callable[[str], bool] | None = None, optional: bool = False, curves: bool = False,
 ) -> Callable[[Callable[[MetricInputs], Tensor]], Callable[[MetricInputs], Tensor]]:
     """Register a metric. ``valid_range`` bounds every value it can store (also the cells of a dict metric):
     stored rows outside it are damaged, and are recomputed by ``bench`` and refused by ``tables``.
@@ -113,13 +127,14 @@ def register_metric(
     whose sum over a method's images it shows. ``applies_to(dataset name)``: the data sets on which a run scores
     the metric (None: all); on the others it stores no row and its table is not written (e.g. the grid's
     localisation, meaningful only where the ground truth is guaranteed). ``optional``: scored only when a run
-    names it (or its table) in ``--extra-metrics``, for metrics too slow for the default run (ROAD)."""
+    names it (or its table) in ``--extra-metrics``, for metrics too slow for the default run (ROAD). ``curves``:
+    ``fn`` returns :class:`Curves` (each curve's values within ``valid_range``), stored beside the rows."""
 
     def wrapper(fn: Callable[[MetricInputs], Tensor]) -> Callable[[MetricInputs], Tensor]:
         doc = (fn.__doc__ or "").strip().splitlines()
         spec = MetricSpec(name, fn, higher_is_better, table, label or name, version, doc[0] if doc else "",
                           (float(valid_range[0]), float(valid_range[1])), tuple((diagnostics or {}).items()),
-                          applies_to, optional)
+                          applies_to, optional, curves)
         METRICS.register(name, spec, origin=fn.__module__)
         return fn
 

@@ -51,7 +51,12 @@ removed pixels to 0 in normalised space (the mean colour, RISE's ``torch.zeros_l
 area on a normalised x axis, 100 * (sum_k q_k - q_0/2 - q_n/2) / n (``insertion``, higher is better;
 ``deletion``, lower is better). RISE evaluated the top-1 class; we evaluate each true class (see above).
 
-All four metrics come from one computation per :class:`MetricInputs` (cached on that object): the endpoint
+**Curves** (``curves``, stored beside the rows, for figures): per image and x = k/32, k = 0..32, the mean over
+its scored true classes of the insertion and deletion curves (q at revealed fraction x; RISE's own grid, k W
+pixels, resampled linearly onto k/32, which at 64 and 224 px is a subset of it) and of the normalised M_F curve
+clamp((q_k - q_F) / (q_O - q_F), 0, 1), whose right Riemann sum is ``mf_clipped``.
+
+All five metrics come from one computation per :class:`MetricInputs` (cached on that object): the endpoint
 images (x, the two blurs, the all-zero image) are forwarded once per image, the interior steps of the three
 curves once per scored class, insertion and deletion sharing one reveal; perturbed images are built and
 forwarded chunk by chunk (about ``CHUNK_BYTES`` of temporaries at a time).
@@ -71,6 +76,7 @@ from maskbench.core.images import gaussian_blur, scaled_sigma
 from maskbench.core.scores import class_probabilities
 
 from .base import (
+    Curves,
     MetricInputs,
     TableSpec,
     forward_in_chunks,
@@ -170,6 +176,14 @@ def auc_trapezoid(curve: Tensor) -> Tensor:
     """RISE's ``auc``: 100 * (sum_k q_k - q_0 / 2 - q_n / 2) / n for curves (..., n + 1) on a normalised x axis."""
     n = curve.shape[-1] - 1
     return 100.0 * (curve.sum(-1) - curve[..., 0] / 2 - curve[..., -1] / 2) / n
+
+
+def resample(curve: Tensor, x_from: Tensor, x_to: Tensor) -> Tensor:
+    """Curves (..., S) given at increasing ``x_from`` (S,), linearly interpolated at ``x_to`` (T,) in its range."""
+    hi = torch.searchsorted(x_from, x_to).clamp(1, len(x_from) - 1)
+    lo = hi - 1
+    t = ((x_to - x_from[lo]) / (x_from[hi] - x_from[lo])).to(curve.dtype)
+    return curve[..., lo] * (1 - t) + curve[..., hi] * t
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,6 +316,29 @@ def faithfulness_scores(inputs: MetricInputs) -> FaithfulnessResult:
 
 # ----------------------------------------------------------------------------------------------------------------
 # registered metrics
+
+
+CURVE_X = torch.arange(MF_STEPS + 1, dtype=torch.float64) / MF_STEPS  # stored curves' x: revealed fraction k/32
+
+
+@register_metric("curves", higher_is_better=True, table="faithfulness", label="Faithfulness curves", version="1",
+                 valid_range=(0.0, 1.0), curves=True)
+def faithfulness_curves(inputs: MetricInputs) -> Curves:
+    """Per-image insertion, deletion and normalised M_F curves at revealed fractions k/32 (mean over true classes)."""
+    result = faithfulness_scores(inputs)
+    h, w = inputs.images.shape[-2:]
+    dev = inputs.images.device
+    x = CURVE_X.to(dev)
+    mf = result.curves["mf"]
+    q_f, gap = mf[..., :1], mf[..., -1:] - mf[..., :1]
+    y = {"mf": ((mf - q_f) / gap).clamp(0.0, 1.0)}  # NaN slots stay NaN (clamp keeps NaN)
+    for name in ("insertion", "deletion"):
+        c = result.curves[name]
+        x_native = (torch.arange(c.shape[-1], device=dev, dtype=torch.float64) * w).clamp(max=h * w) / (h * w)
+        y[name] = resample(c, x_native, x)
+    with torch.no_grad():
+        per_image = {n: v.nanmean(1) for n, v in y.items()}  # (B, K, S) -> (B, S); all-NaN images stay NaN
+    return Curves({n: x for n in per_image}, per_image)
 
 
 @register_metric("mf", higher_is_better=True, table="faithfulness", label="M_F (eq. 8)", version="2",

@@ -91,6 +91,10 @@ def test_two_processes_give_the_tables_and_rows_of_one(setup):
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
     for rows in sorted((a / "per_image").glob("*.csv")):
         assert rows.read_bytes() == (b / "per_image" / rows.name).read_bytes(), rows.name
+    curves = sorted((a / "per_image").glob("*.curves.npz"))  # the per-image curves, merged from both ranks
+    assert len(curves) == len(DEFAULT_METHODS)
+    for path in curves:
+        assert path.read_bytes() == (b / "per_image" / path.name).read_bytes(), path.name
     manifest = json.loads((b / "manifest.json").read_text())
     assert manifest["distributed"]["world_size"] == 2
     for m in manifest["methods"]:

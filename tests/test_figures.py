@@ -127,6 +127,9 @@ def test_mask_grid_of_a_stored_run_reads_the_cache(tiny_run):
     png = run_dir / "figures" / "masks.png"
     assert png in written and ink(png) > 0.05
     assert (run_dir / "figures" / "forest_iou.pdf").is_file()
+    for name in ("insertion", "deletion", "mf"):  # from the stored curves of the run's methods
+        curves_png = run_dir / "figures" / f"curves_{name}.png"
+        assert curves_png in written and ink(curves_png) > 0.05
     # an empty cache (a fresh clone): every other figure, and a note instead of the grid
     written, note = figures.figures_for_run(run_dir, cache=cache.parent / "empty-cache", data_root=str(data_root))
     assert note is not None and "no cached masks" in note
@@ -142,3 +145,35 @@ def test_figures_command(tiny_run, capsys):
     assert str(run_dir / "figures" / "masks.png") in capsys.readouterr().out
     assert main(["figures", "--run", str(run_dir.parent / "missing")]) == 2
     assert "not a stored run" in capsys.readouterr().err
+
+
+def test_curves_figure_draws_each_method_mean_and_band_over_the_baseline():
+    """Known curves: method A's images are 0.8 x + 0.1 + (0, -0.1, 0, 0.1), one undefined image left out of its n; the
+    random-uniform baseline is flat at 0.3, drawn dashed in A's panel; an all-undefined method gets no panel."""
+    x = np.linspace(0, 1, 5)
+    a = np.stack([x * 0.8 + 0.1, x * 0.8, np.full(5, np.nan), x * 0.8 + 0.1, x * 0.8 + 0.2])  # mean 0.8 x + 0.1
+    curves = {"a": a, "random-uniform": np.full((5, 5), 0.3), "never": np.full((5, 5), np.nan)}
+    fig = figures.curves_figure(x, curves, {"a": "Method A"}, {"a": "12.3 [1.0, 2.0]"}, "q", "Insertion")
+    panels = visible_panels(fig)
+    assert len(panels) == 2  # 'never' has no defined curve
+    assert panels[0].get_title().startswith("Method A\n12.3 [1.0, 2.0] (n=4)")
+    mean_line = [ln for ln in panels[0].lines if ln.get_linestyle() == "-"][0]
+    np.testing.assert_allclose(mean_line.get_ydata(), 0.8 * x + 0.1)
+    dashed = [ln for ln in panels[0].lines if ln.get_linestyle() == "--"]
+    assert len(dashed) == 1 and np.allclose(dashed[0].get_ydata(), 0.3)
+    band = panels[0].collections[0].get_paths()[0].vertices[:, 1]  # the 95 % band encloses the mean
+    assert band.min() <= np.nanmean(a, 0).min() and band.max() >= np.nanmean(a, 0).max()
+    assert not [ln for ln in panels[1].lines if ln.get_linestyle() == "--"]  # the baseline's own panel: no dash
+
+
+def test_the_same_stored_run_gives_the_same_files_byte_for_byte(tiny_run):
+    """Figures are a pure function of the stored rows, curves and cache: drawn twice, every PNG and PDF is the
+    same file (no creation date, no random state)."""
+    run_dir, cache, data_root = tiny_run
+    first, _ = figures.figures_for_run(run_dir, cache=cache, data_root=str(data_root))
+    before = {p: p.read_bytes() for p in first}
+    for p in first:
+        p.unlink()
+    second, _ = figures.figures_for_run(run_dir, cache=cache, data_root=str(data_root))
+    assert sorted(second) == sorted(first) and len(first) > 10
+    assert {p: p.read_bytes() for p in second} == before

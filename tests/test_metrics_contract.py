@@ -25,7 +25,7 @@ from maskbench.core.registry import import_plugin
 from maskbench.core.stats import Statistic, column_means
 from maskbench.datasets.base import Batch
 from maskbench.methods import METHODS
-from maskbench.metrics import METRICS, TABLES, MetricInputs, TableSpec, table_specs, value_range
+from maskbench.metrics import METRICS, TABLES, Curves, MetricInputs, TableSpec, table_specs, value_range
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = REPO / "examples" / "energy_pointing.py"
@@ -167,8 +167,15 @@ def ground_truth_masks(batch: Batch, classes: Tensor) -> Tensor:
 
 
 def score(name: str, model: nn.Module, batch: Batch, masks: Tensor, classes: Tensor) -> dict[str, Tensor]:
-    """The metric's stored columns: ``{name: (B,)}`` for a scalar metric, ``{name/key: (B,)}`` for a dict one."""
+    """The metric's stored columns: ``{name: (B,)}`` for a scalar metric, ``{name/key: (B,)}`` for a dict one,
+    ``{name/curve/k: (B,)}`` for a curve metric (point k of each curve), so every contract applies to them."""
     out = METRICS.get(name).fn(MetricInputs(model, batch.images, masks, classes, batch))
+    if METRICS.get(name).curves:
+        assert isinstance(out, Curves), type(out)
+        assert set(out.x) == set(out.y)
+        for c, y in out.y.items():
+            assert y.dim() == 2 and y.shape[1] == len(out.x[c]), (c, tuple(y.shape))
+        return {f"{name}/{c}/{k}": y[:, k] for c, y in out.y.items() for k in range(y.shape[1])}
     if isinstance(out, dict):
         return {f"{name}/{k}": v for k, v in out.items()}
     return {name: out}
@@ -266,6 +273,8 @@ def expected_defined(name: str, batch: Batch, classes: Tensor) -> dict[str, Tens
         return {name: has_true & batch.has_seg}
     if name in {"sal", "mi", "mf", "mf_clipped", "insertion", "deletion"}:  # no true class explained
         return {name: has_true}
+    if name == "curves":  # every point of the three curves: no true class explained (M_F's gap holds here)
+        return {f"curves/{c}/{k}": has_true for c in ("insertion", "deletion", "mf") for k in range(33)}
     if name == "energy-pointing":  # examples/energy_pointing.py: no true class explained, no box or no energy
         return {name: has_true}  # (every labelled class has a box, and random masks have energy)
     if name in ABSENT_CLASS_METRICS:  # a true class and an absent class among the explained ones (random maps)
@@ -399,6 +408,9 @@ def test_ground_truth_beats_a_constant_mask(name, model, batch):
     spec = METRICS.get(name)
     if name in ABSENT_CLASS_METRICS:
         pytest.skip(f"{name}: the ground truth of an absent class is empty (see ABSENT_CLASS_METRICS)")
+    if spec.curves:
+        pytest.skip(f"{name}: curves for figures, no table statistic (their areas are the faithfulness metrics, "
+                    f"checked against them in test_metrics_faithfulness.py)")
     sub = batch.select(POLARITY)
     classes = CLASSES[POLARITY]
     gt = score(name, model, sub, ground_truth_masks(sub, classes), classes)

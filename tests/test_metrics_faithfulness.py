@@ -409,3 +409,56 @@ def test_registry_entries():
     for name, (hib, label) in want.items():
         spec = METRICS.get(name)
         assert (spec.higher_is_better, spec.label, spec.table) == (hib, label, "faithfulness")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stored curves (figures)
+
+
+def curves_of(inputs):
+    out = METRICS.get("curves").fn(inputs)
+    return {n: y for n, y in out.y.items()}, out.x
+
+
+def test_stored_curves_are_the_measured_curves_and_their_areas_the_scores():
+    """At 32 px RISE's grid (W pixels per step) is k/32: the stored insertion curve is q(f) = 0.1 + 0.8 f^2 at
+    f = k/32 exactly (the meter reads the revealed fraction), its trapezoid is the insertion score, and the
+    normalised M_F curve's right Riemann sum is M_F clipped."""
+    x = textured_image()
+    f = torch.arange(33, dtype=torch.float64) / 32
+    ins, inputs = score(RevealMeter(x, blur_ins(x), lambda v: 0.1 + 0.8 * v**2), x, tied_map(), [[0]], [[0]])
+    ys, xs = curves_of(inputs)
+    assert set(ys) == {"insertion", "deletion", "mf"} and all(torch.equal(v.cpu(), f) for v in xs.values())
+    torch.testing.assert_close(ys["insertion"][0].double(), 0.1 + 0.8 * f**2, atol=2e-4, rtol=0)
+    area = 100 * (ys["insertion"][0].sum() - ys["insertion"][0, 0] / 2 - ys["insertion"][0, -1] / 2) / 32
+    assert area.item() == pytest.approx(ins["insertion"].item(), abs=1e-4)
+    mf, inputs = score(RevealMeter(x, blur_mf(x), lambda v: 0.2 + 0.6 * v**3), x, tied_map(), [[0]], [[0]])
+    ys, _ = curves_of(inputs)
+    torch.testing.assert_close(ys["mf"][0].double(), f**3, atol=2e-4, rtol=0)  # (q - q_F) / (q_O - q_F)
+    assert (100 * ys["mf"][0, 1:].mean()).item() == pytest.approx(mf["mf_clipped"].item(), abs=1e-4)
+
+
+def test_curves_average_the_true_classes_and_are_nan_without_one():
+    """FixedLogits: every curve is flat at q of its class; an image's curve is the mean over its true classes
+    (a repeated class once), NaN without a true class; M_F is undefined for flat curves (gap 0): NaN."""
+    logits = [0.3, -1.0, 2.0, 0.5]
+    q = torch.sigmoid(torch.tensor(logits))
+    x = textured_image().expand(3, -1, -1, -1).clone()
+    _, inputs = score(FixedLogits(logits), x, tied_map(3, 3), [[0, 2], [1], []], [[0, 2, 0], [1, 3, 1], [0, 0, 0]])
+    ys, _ = curves_of(inputs)
+    for name in ("insertion", "deletion"):
+        torch.testing.assert_close(ys[name][0], torch.full((33,), ((q[0] + q[2]) / 2).item()), atol=1e-6, rtol=0)
+        torch.testing.assert_close(ys[name][1], torch.full((33,), q[1].item()), atol=1e-6, rtol=0)
+        assert torch.isnan(ys[name][2]).all()
+    assert torch.isnan(ys["mf"]).all()
+
+
+def test_resample_is_exact_for_linear_curves_and_a_subset_at_64_px():
+    """Linear interpolation reproduces a linear function of x at any grid (here RISE's at 48 px, whose steps
+    k/48 do not contain k/32); at 64 px the k/32 points are every other native point, unchanged."""
+    target = torch.arange(33, dtype=torch.float64) / 32
+    native48 = torch.arange(49, dtype=torch.float64) / 48
+    torch.testing.assert_close(faith.resample(0.3 + 0.5 * native48, native48, target), 0.3 + 0.5 * target)
+    native64 = torch.arange(65, dtype=torch.float64) / 64
+    curve = torch.rand(2, 65, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(faith.resample(curve, native64, target), curve[:, ::2], rtol=0, atol=1e-12)

@@ -1,6 +1,7 @@
 """The results pages: built from stored files, and checked in a real headless browser (Chromium) as a reader
 would use them: every table and image loads, and a click on a column header sorts it."""
 
+import html
 import json
 import os
 import re
@@ -13,7 +14,7 @@ import pandas as pd
 import pytest
 
 from maskbench.benchmark import page
-from maskbench.benchmark.figures import write_figures
+from maskbench.benchmark.figures import figure_caption, figure_order, write_figures
 
 PUBLISHED = Path(__file__).resolve().parent.parent / "results" / "synthetic" / "smallcnn"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -65,6 +66,9 @@ def test_run_page_shows_every_table_figure_and_method_with_links(site):
             assert p.with_suffix(".tex").name in census.links
     pngs = sorted(p.name for p in (run_dir / "figures").glob("*.png"))
     assert sorted(Path(s).name for s in census.images) == pngs and pngs
+    shown = [Path(s).stem for s in census.images]  # grid, forest plots, curves, class table, sanity: in that order
+    assert shown == sorted(shown, key=figure_order) and shown.index("forest_iou") < shown.index("curves_insertion")
+    assert figure_caption("curves_mf") in html.unescape((run_dir / "index.html").read_text())
     text = (run_dir / "index.html").read_text()
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["git"]["commit"] in text  # traceable to a revision

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -13,6 +14,7 @@ from mb_testutils import run_config, tiny_synthetic
 from maskbench.benchmark.cli import main
 from maskbench.benchmark.runner import run
 from maskbench.benchmark.tables import write_all_tables
+from maskbench.core.store import RowStore
 from maskbench.methods import AttributionMethod, register_method
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,6 +124,42 @@ def test_end_to_end_tables_sanity_rows_and_resume(data_root, cache_dir, tmp_path
     # a different method configuration is a different cache key: recomputed, in a folder of its own
     changed = run(config(data_root, cache_dir, res, methods=["rise"], limit=4, seed=0, preset="paper"))
     assert changed.summaries[0].computed == 4 and changed.run_dir.name == "smallcnn-limit4-paper"
+
+
+def test_curves_are_stored_beside_the_rows_and_resume_on_their_own(data_root, cache_dir, tmp_path):
+    """The faithfulness curves go to per_image/<method>.curves.npz under the metric's key, one per image; their
+    areas are the stored scores (32 px: RISE's grid is the stored k/32, so the trapezoid of the insertion curve
+    is the insertion row, up to float16); a lost or damaged curves file is recomputed from the cached masks
+    alone, rows untouched, to the same curves."""
+    res = tmp_path / "results"
+    methods = ["ground-truth", "gradcam"]
+    out = run(config(data_root, cache_dir, res, methods=methods, limit=8))
+    store = RowStore(out.run_dir)
+    ids = sorted(json.loads((out.run_dir / "run.json").read_text())["image_ids"])
+    assert len(ids) == 8
+    for m in methods:
+        table, problems = store.load_curves(m, "curves", store.load_meta(m)["metric_keys"]["curves"])
+        assert not problems and table.image_ids == ids and set(table.y) == {"insertion", "deletion", "mf"}
+        rows = store.load(m)
+        rows = rows[rows["metric"].isin(["insertion", "mf_clipped"])].pivot(
+            index="image_id", columns="metric", values="value").loc[ids]
+        ins, mf = table.y["insertion"].astype(float), table.y["mf"].astype(float)
+        area = 100 * (ins.sum(1) - ins[:, 0] / 2 - ins[:, -1] / 2) / 32
+        np.testing.assert_allclose(area, rows["insertion"], atol=0.05)
+        np.testing.assert_allclose(100 * mf[:, 1:].mean(1), rows["mf_clipped"], atol=0.05)  # NaN where NaN
+        assert np.isnan(rows["mf_clipped"]).sum() < 8  # not vacuous: some M_F defined
+    path = store.curves_path("gradcam", "curves")
+    rows_bytes, curves_bytes = store.csv_path("gradcam").read_bytes(), path.read_bytes()
+    for damage in ("lost", "damaged"):
+        if damage == "lost":
+            path.unlink()
+        else:
+            path.write_bytes(b"not a zip file")
+        again = {s.method: s for s in run(config(data_root, cache_dir, res, methods=methods, limit=8)).summaries}
+        assert again["gradcam"].from_cache == 8 and again["gradcam"].computed == 0
+        assert again["ground-truth"].skipped == 8 and again["ground-truth"].from_cache == 0
+        assert any("damaged curves" in w for w in again["gradcam"].warnings) == (damage == "damaged")
+        assert path.read_bytes() == curves_bytes and store.csv_path("gradcam").read_bytes() == rows_bytes
 
 
 def test_failures_are_counted_never_scored(data_root, cache_dir, tmp_path):
