@@ -167,10 +167,12 @@ def class_table_figure(table: pd.DataFrame, labels: dict[str, str]) -> Figure:
 
 # -- faithfulness curves ----------------------------------------------------------------------------------------
 
-CURVES = {  # stored curve -> (faithfulness.csv statistic, y label, title)
-    "insertion": ("insertion", "class probability", "Insertion (blurred image -> image)"),
-    "deletion": ("deletion", "class probability", "Deletion (image -> mean colour)"),
-    "mf": ("mf_clipped", "(q - q_F) / (q_O - q_F), clipped", "M_F curve (blur -> image, normalised)"),
+REVEALED = "fraction of pixels revealed, most salient first"
+CURVES = {  # stored curve -> (faithfulness.csv statistic, x label, y label, title)
+    "insertion": ("insertion", REVEALED, "class probability", "Insertion (blurred image -> image)"),
+    "deletion": ("deletion", "fraction of pixels removed (set to the mean colour), most salient first",
+                 "class probability", "Deletion (image -> mean colour)"),
+    "mf": ("mf_clipped", REVEALED, "(q - q_F) / (q_O - q_F), clipped", "M_F curve (blurred image -> image)"),
 }
 CURVE_BASELINE = "random-uniform"
 
@@ -184,7 +186,7 @@ def mean_curve(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
 
 
 def curves_figure(x: np.ndarray, curves: dict[str, np.ndarray], labels: dict[str, str],
-                  titles: dict[str, str], ylabel: str, title: str) -> Figure:
+                  titles: dict[str, str], ylabel: str, title: str, xlabel: str = REVEALED) -> Figure:
     """One panel per method of ``curves`` (method -> (n, S) per-image curves at ``x``), in that order: its mean
     curve and 95 % band, and the :data:`CURVE_BASELINE` mean curve dashed when it is among ``curves``."""
     methods = [m for m in curves if not np.isnan(curves[m]).all()]
@@ -211,7 +213,10 @@ def curves_figure(x: np.ndarray, curves: dict[str, np.ndarray], labels: dict[str
             ax.set_axisbelow(True)
         for ax in list(axes.flat)[len(methods):]:
             ax.set_visible(False)
-        fig.supxlabel("fraction of pixels revealed, most salient first", fontsize=7)
+        for i in range(len(methods) - cols, len(methods) - (len(methods) - 1) % cols - 1):
+            if i >= 0:  # the lowest panel of a column whose row below is short: its x ticks labelled too
+                axes.flat[i].xaxis.set_tick_params(labelbottom=True)
+        fig.supxlabel(xlabel, fontsize=7)
         fig.supylabel(ylabel, fontsize=7)
         baseline = f"; dashed: {labels.get(CURVE_BASELINE, CURVE_BASELINE)}" if base is not None else ""
         fig.suptitle(f"{title}: mean over images, 95 % band{baseline}", fontsize=7)
@@ -399,14 +404,14 @@ def write_figures(run_dir: Path) -> list[Path]:
     xs, curves = stored_curves(run_dir)
     faith = pd.read_csv(run_dir / "faithfulness.csv") if (run_dir / "faithfulness.csv").is_file() else None
     for name, per_method in curves.items():
-        stat, ylabel, title = CURVES.get(name, (name, "value", name))
+        stat, xlabel, ylabel, title = CURVES.get(name, (name, "x", "value", name))
         titles = {}
         if faith is not None:
             for r in faith[faith["statistic"] == stat].itertuples():
                 titles[r.method] = f"{r.value:.1f} [{r.ci_low:.1f}, {r.ci_high:.1f}]"
         if any(not np.isnan(v).all() for v in per_method.values()):
-            written += save_figure(curves_figure(xs[name], per_method, labels, titles, ylabel, title),
-                                   out_dir / f"curves_{name}")
+            fig = curves_figure(xs[name], per_method, labels, titles, ylabel, title, xlabel)
+            written += save_figure(fig, out_dir / f"curves_{name}")
     drawings = [("class_table", lambda t: class_table_figure(t, labels), "value"),
                 ("randomisation", lambda t: randomisation_figure(t, labels), "value"),
                 ("meta_agreement", agreement_figure, "tau"),
