@@ -184,7 +184,7 @@ def test_entry_point_class_without_decorator_is_named_after_the_entry_point(data
                     "--data-root", str(data_root), "--cache", str(cache_dir), "--results", str(tmp_path / "res"),
                     "--no-progress"], capture_output=True, text=True, env=env, check=True)
     per_image = tmp_path / "res" / "synthetic" / "smallcnn-limit2" / "per_image"
-    assert sorted(p.name for p in per_image.iterdir()) == ["ep-flat.csv", "ep-flat.json"]
+    assert sorted(p.name for p in per_image.iterdir()) == ["ep-flat.csv", "ep-flat.curves.npz", "ep-flat.json"]
     assert json.loads((per_image / "ep-flat.json").read_text())["method"] == "ep-flat"
 
 
