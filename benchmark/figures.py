@@ -17,8 +17,9 @@ and one PDF (vector, for papers) per figure, sized for a two-column paper (:data
   (``per_image/<method>.curves.npz``) at revealed fractions k/32 and the 95 % percentile bootstrap band of that
   mean at each point, over the random-uniform reference's mean curve (dashed); the panel title gives the
   table's value and interval (the area under the curves at their native resolution).
-* ``randomisation``: when ``maskbench sanity`` ran, the cascading model-randomisation curves (Spearman with
-  95 % bands per step, from the head down), the Gaussian-noise control dashed.
+* ``randomisation``: when ``maskbench sanity`` ran, the model-randomisation curves (Adebayo et al., NeurIPS 2018,
+  Fig. 2 and 4): cascading (from the head down) and independent (one layer at a time) re-initialisation, Spearman
+  and SSIM, one line with its 95 % band per method per step, the Gaussian-noise control dashed.
 * ``agreement``: when the meta-evaluation ran, the Kendall tau_b matrix of the leaderboard statistics.
 * ``ranks``: the median rank and 95 % interval of each method over the bootstrap resamples, per statistic.
 
@@ -66,8 +67,8 @@ CAPTIONS = {
                "each point, random-uniform dashed; title: the table's value and interval.",
     "class_table": "Class-specific masking table (NeurIPS 2022 Table 1) per method: target x mask class, G.T. "
                    "first.",
-    "randomisation": "Cascading model randomisation: Spearman correlation of trained vs randomised maps, 95 % "
-                     "bands.",
+    "randomisation": "Model randomisation (cascading from the head, and each layer alone): Spearman and SSIM "
+                     "between trained and randomised maps, 95 % bands; noise control dashed.",
     "agreement": "Kendall tau_b between the method rankings of every pair of leaderboard statistics.",
     "ranks": "Median rank of each method over the bootstrap resamples, with its 95 % interval (1 = best).",
 }
@@ -249,29 +250,52 @@ def stored_curves(run_dir: Path, metric: str = "curves"
 
 # -- sanity and meta-evaluation ---------------------------------------------------------------------------------
 
+RANDOMISATION_PANELS = (("cascading", "spearman"), ("independent", "spearman"),
+                        ("cascading", "ssim"), ("independent", "ssim"))
+MODEL_BLIND = {"ground-truth", "centre-gaussian", "random-uniform"}
+
+
 def randomisation_figure(table: pd.DataFrame, labels: dict[str, str]) -> Figure:
-    """``randomisation.csv``: Spearman correlation per cascading step, one line with its 95 % band per method
-    (reference rows and undefined ones left out), the noise control dashed."""
-    t = table[(table["mode"] == "cascading") & (table["similarity"] == "spearman")].dropna(subset=["value"])
-    steps = list(dict.fromkeys(t["step"]))
-    model_blind = {"ground-truth", "centre-gaussian", "random-uniform"}
-    methods = [m for m in dict.fromkeys(t["method"]) if m not in model_blind and not m.startswith("constant")]
+    """``randomisation.csv`` as Adebayo et al.'s Fig. 2 and 4: one panel per (mode, similarity) of
+    :data:`RANDOMISATION_PANELS` that holds values (cascading re-initialisation from the head down, and each layer
+    alone; Spearman rank correlation and SSIM between the trained and the randomised model's maps), one line with
+    its 95 % band per method (reference rows, which ignore the model, left out), the noise control dashed. The
+    data randomisation test (permuted labels) is a single number per method: its table, not drawn."""
+    panels = [(mode, sim) for mode, sim in RANDOMISATION_PANELS
+              if ((table["mode"] == mode) & (table["similarity"] == sim) & table["value"].notna()).any()]
+    shown = table[table["mode"].isin({m for m, _ in panels})]
+    methods = [m for m in dict.fromkeys(shown["method"]) if m not in MODEL_BLIND and not m.startswith("constant")]
+    style_of = {m: dict(color="0.4", ls="--") if m == "noise" else dict(
+        color=OKABE_ITO[i % len(OKABE_ITO)], ls=["-", ":", "-."][i // len(OKABE_ITO) % 3])
+        for i, m in enumerate(methods)}
+    cols = 2 if len(panels) > 1 else 1
+    nrows = -(-len(panels) // cols)
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(TEXT_WIDTH * 0.7, 2.6))
-        position = {s: i for i, s in enumerate(steps)}
-        for i, method in enumerate(methods):
-            g = t[t["method"] == method]  # the steps it has (learned methods: retrained at some steps only)
-            x = g["step"].map(position).to_numpy()
-            style = dict(color="0.4", ls="--") if method == "noise" else dict(
-                color=OKABE_ITO[i % len(OKABE_ITO)], ls=["-", ":", "-."][i // len(OKABE_ITO) % 3])
-            ax.plot(x, g["value"], lw=1, marker="o", ms=2, label=labels.get(method, method), **style)
-            ax.fill_between(x, g["ci_low"], g["ci_high"], color=style["color"], alpha=0.1, lw=0)
-        ax.axhline(0, color="0.3", lw=0.5)
-        ax.set_xticks(range(len(steps)), [s.replace(": ", "\n") for s in steps])
-        ax.set_ylabel("Spearman rho, trained vs randomised")
-        ax.set_xlabel("layers re-initialised (cascading, from the head)")
-        ax.set_ylim(-0.3, 1.05)
-        ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0), handlelength=2.2)
+        fig, axes = plt.subplots(nrows, cols, figsize=(TEXT_WIDTH * (0.85 if cols == 2 else 0.7), 2.3 * nrows),
+                                 squeeze=False, sharey="row")
+        for ax, (mode, sim) in zip(axes.flat, panels, strict=False):
+            t = table[(table["mode"] == mode) & (table["similarity"] == sim)].dropna(subset=["value"])
+            steps = list(dict.fromkeys(t["step"]))
+            position = {st: i for i, st in enumerate(steps)}
+            for method in methods:
+                g = t[t["method"] == method]  # the steps it has (learned methods: retrained at some steps only)
+                if g.empty:
+                    continue
+                x = g["step"].map(position).to_numpy()
+                style = style_of[method]
+                ax.plot(x, g["value"], lw=1, marker="o", ms=2, label=labels.get(method, method), **style)
+                ax.fill_between(x, g["ci_low"], g["ci_high"], color=style["color"], alpha=0.1, lw=0)
+            ax.axhline(0, color="0.3", lw=0.5)
+            ax.set_xticks(range(len(steps)), [st.replace(": ", "\n") for st in steps], fontsize=5.5)
+            ax.set_title(f"{mode} ({'Spearman rho' if sim == 'spearman' else 'SSIM'})", pad=2)
+            ax.set_ylim(-0.3, 1.05)
+            ax.set_ylabel("trained vs randomised" if ax in axes[:, 0] else "")
+        for ax in list(axes.flat)[len(panels):]:
+            ax.set_visible(False)
+        handles, names = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, names, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 0.98), handlelength=2.2)
+        fig.supxlabel("layers re-initialised (cascading: from the head down; independent: that layer only)",
+                      fontsize=7)
         fig.tight_layout()
     return fig
 

@@ -177,3 +177,19 @@ def test_the_same_stored_run_gives_the_same_files_byte_for_byte(tiny_run):
     second, _ = figures.figures_for_run(run_dir, cache=cache, data_root=str(data_root))
     assert sorted(second) == sorted(first) and len(first) > 10
     assert {p: p.read_bytes() for p in second} == before
+
+
+def test_randomisation_figure_has_a_panel_per_mode_and_similarity_with_the_stored_values():
+    """Cascading and independent, Spearman and SSIM: four panels; a method's line holds its stored values in
+    step order; the reference rows (which ignore the model) are not drawn."""
+    table = pd.read_csv(PUBLISHED / "randomisation.csv")
+    fig = figures.randomisation_figure(table, {"gradcam": "Grad-CAM"})
+    panels = visible_panels(fig)
+    assert [ax.get_title() for ax in panels] == ["cascading (Spearman rho)", "independent (Spearman rho)",
+                                                 "cascading (SSIM)", "independent (SSIM)"]
+    for ax, (mode, sim) in zip(panels, figures.RANDOMISATION_PANELS, strict=True):
+        line = next(ln for ln in ax.lines if ln.get_label() == "Grad-CAM")
+        stored = table[(table["mode"] == mode) & (table["similarity"] == sim) & (table["method"] == "gradcam")]
+        np.testing.assert_allclose(line.get_ydata(), stored["value"].to_numpy())
+        drawn = {ln.get_label() for ln in ax.lines}
+        assert not drawn & {"ground-truth", "random-uniform", "centre-gaussian"}
