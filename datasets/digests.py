@@ -17,12 +17,14 @@ again; a copied or moved data set is read once at its new place and gets the sam
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from maskbench.core.storage import atomic_write, cache_root
 
@@ -32,12 +34,29 @@ MISSING = "missing"  # the digest of a file that does not exist
 DIGEST_CHARS = 32  # hex characters kept of each SHA-256
 
 _memo_dir: Path | None = None
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 def set_memo_dir(path: str | os.PathLike[str] | None) -> None:
     """Keep the digest memos under ``path`` (the run's cache folder); None restores the default."""
     global _memo_dir
     _memo_dir = Path(path) if path is not None else None
+
+
+def keeps_memo_dir(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Decorator: whatever memo folder ``fn`` sets (a run sets its ``--cache``) is restored when it returns or
+    raises, so a run inside a longer-lived process (tests, a notebook) leaves no folder behind for later runs."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        saved = _memo_dir
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            set_memo_dir(saved)
+
+    return wrapper
 
 
 def memo_dir() -> Path:

@@ -162,6 +162,17 @@ def test_curves_are_stored_beside_the_rows_and_resume_on_their_own(data_root, ca
         assert path.read_bytes() == curves_bytes and store.csv_path("gradcam").read_bytes() == rows_bytes
 
 
+def test_a_run_leaves_no_process_wide_cache_folder_behind(data_root, cache_dir, tmp_path):
+    """run() points the data sets' digest memos at its --cache while it runs, then restores the folder it found,
+    so a later build in the same process (a test, a notebook) uses its own cache, not the last run's."""
+    from maskbench.datasets import digests
+
+    before = digests.memo_dir()
+    assert before != cache_dir
+    run(config(data_root, cache_dir, tmp_path / "results", methods=["constant-0"], limit=2))
+    assert digests.memo_dir() == before
+
+
 def test_failures_are_counted_never_scored(data_root, cache_dir, tmp_path):
     res = tmp_path / "results"
     out = run(config(data_root, cache_dir, res, methods=["test-nan-on-first", "test-raises"], limit=8,
