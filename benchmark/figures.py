@@ -505,7 +505,7 @@ def figures_for_run(run_dir: Path, *, cache: Path, data_root: str | None = None,
     size; ``data_root`` as ``bench`` took it). Returns the files written and, when the mask grid could not be
     drawn (no cached masks: a fresh clone), why."""
     from maskbench.datasets import build_split
-    from maskbench.datasets.digests import keeps_memo_dir, set_memo_dir
+    from maskbench.datasets.digests import using_memo_dir
 
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").is_file():
@@ -516,14 +516,9 @@ def figures_for_run(run_dir: Path, *, cache: Path, data_root: str | None = None,
         return written, None
     identity = read_json(run_dir / "run.json")["identity"]
     size = identity.get("image_size")
-
-    @keeps_memo_dir
-    def test_split():
-        set_memo_dir(cache)  # without data_root, the data are where bench put them: under its cache
-        return build_split(identity["dataset"], identity["split"], root=data_root,
-                           image_size=size[0] if size and size[0] == size[-1] else None)
-
-    dataset = test_split()
+    with using_memo_dir(cache):  # without data_root, the data are where bench put them: under its cache
+        dataset = build_split(identity["dataset"], identity["split"], root=data_root,
+                              image_size=size[0] if size and size[0] == size[-1] else None)
     try:
         written += _write_masks(run_dir, Path(cache), dataset, images, _labels(run_dir), run_dir / "figures")
     except MaskbenchError as exc:

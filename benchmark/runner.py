@@ -39,7 +39,7 @@ from maskbench.core.registry import import_plugin
 from maskbench.core.storage import cache_root, stable_hash, write_json
 from maskbench.core.store import COMPLETE, CurveTable, MaskCache, RowStore, rows_from_values, with_markers
 from maskbench.datasets import DATASETS, AttributionDataset, Batch, build_split, collate
-from maskbench.datasets.digests import keeps_memo_dir
+from maskbench.datasets.digests import using_memo_dir
 from maskbench.methods import METHODS, AttributionMethod, MethodContext, build_method, check_masks
 from maskbench.metrics import Curves, MetricInputs, MetricSpec, select_metrics, value_range
 
@@ -591,7 +591,7 @@ def run_identity(config: RunConfig, data_key: str, image_ids: list[str], table_c
     return json.loads(json.dumps(identity, sort_keys=True, default=str))  # as read back from run.json
 
 
-@keeps_memo_dir
+@using_memo_dir()
 def train(config: RunConfig) -> list[dict[str, Any]]:
     """Train (or load from the cache) every learned method of ``config.methods``; returns their setup records."""
     methods = build_methods(config)
@@ -605,7 +605,7 @@ def train(config: RunConfig) -> list[dict[str, Any]]:
     return [{"method": m.name, **(m.setup(session.method_context()) or {})} for m in methods]
 
 
-@keeps_memo_dir
+@using_memo_dir()
 def run(config: RunConfig) -> RunResult:
     """Run a benchmark configuration end to end; returns the per-method summaries and the manifest."""
     t_run = time.perf_counter()

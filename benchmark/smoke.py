@@ -337,7 +337,7 @@ def run_smoke(work: Path, results: Path, *, limit: int | None = None, image_size
     """Write the trees, serve and download the archives into ``work/cache``, run the three published settings at
     the ``paper`` preset with :data:`CAPS`; tables and reports go under ``results``. ``limit``: images per
     setting (default: :data:`SETTINGS`'s)."""
-    from maskbench.datasets.digests import set_memo_dir
+    from maskbench.datasets.digests import using_memo_dir
     from maskbench.datasets.download import download
 
     from .runner import run
@@ -347,18 +347,15 @@ def run_smoke(work: Path, results: Path, *, limit: int | None = None, image_size
     cache = work / "cache"
     roots = write_trees(work / "trees")
     out.seconds["trees"] = round(time.perf_counter() - t0, 2)
-    set_memo_dir(cache)  # the downloads go where the loaders look: <cache>/data/<dataset>
-    try:
-        with archive_server() as srv:
-            for dataset, archives in (("voc", voc_archives(roots["voc"])), ("coco", coco_archives(roots["coco"]))):
-                t = time.perf_counter()
-                srv.files.update(archives)  # type: ignore[attr-defined]
-                sums = md5sums(archives, work / f"{dataset}.md5")
-                download(dataset, cache / "data" / dataset, mirror=srv.url, checksums=sums,  # type: ignore[attr-defined]
-                         archive_dir=work / "archives" / dataset, progress=progress, log=log)
-                out.seconds[f"download-{dataset}"] = round(time.perf_counter() - t, 2)
-    finally:
-        set_memo_dir(None)
+    # the downloads go where the loaders look: <cache>/data/<dataset>
+    with using_memo_dir(cache), archive_server() as srv:
+        for dataset, archives in (("voc", voc_archives(roots["voc"])), ("coco", coco_archives(roots["coco"]))):
+            t = time.perf_counter()
+            srv.files.update(archives)  # type: ignore[attr-defined]
+            sums = md5sums(archives, work / f"{dataset}.md5")
+            download(dataset, cache / "data" / dataset, mirror=srv.url, checksums=sums,  # type: ignore[attr-defined]
+                     archive_dir=work / "archives" / dataset, progress=progress, log=log)
+            out.seconds[f"download-{dataset}"] = round(time.perf_counter() - t, 2)
     for dataset, model, images in SETTINGS:
         t = time.perf_counter()
         clf_caps = IMAGENET_CLASSIFIER_CAPS if dataset == "imagenet" else CLASSIFIER_CAPS

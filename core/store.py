@@ -308,6 +308,9 @@ class RowStore:
     def save_meta(self, method: str, meta: dict[str, Any]) -> None:
         write_json(self.meta_path(method), meta)
 
+    def _curve_range(self, metric: str) -> tuple[float, float]:
+        return self.valid_range(metric) if self.valid_range else (-math.inf, math.inf)
+
     def curves_path(self, method: str, metric: str) -> Path:
         return self.dir / f"{_safe(method)}.{_safe(metric)}.npz"
 
@@ -317,8 +320,7 @@ class RowStore:
     def load_curves(self, method: str, metric: str, run_key: str | None = None) -> tuple[CurveTable, list[str]]:
         """A method's stored curves of ``metric`` (with ``run_key``: only those computed under it) and the
         problems found (damaged images are left out, to be recomputed)."""
-        rng = self.valid_range(metric) if self.valid_range else (-math.inf, math.inf)
-        table, problems = read_curves(self.curves_path(method, metric), rng)
+        table, problems = read_curves(self.curves_path(method, metric), self._curve_range(metric))
         return (table.with_key(run_key) if run_key is not None else table), problems
 
     def save_curves(self, method: str, metric: str, table: CurveTable) -> None:
@@ -335,10 +337,9 @@ class RowStore:
     def merge_curve_shards(self, method: str, metric: str, table: CurveTable) -> tuple[CurveTable, list[str]]:
         """``table`` plus every rank's shard of the method's ``metric`` curves (a later image replacing an earlier
         one), and the problems of damaged shards; the shards are deleted by :meth:`drop_shards`."""
-        rng = self.valid_range(metric) if self.valid_range else (-math.inf, math.inf)
         parts, problems = [table], []
         for path in self.curve_shards(method, metric):
-            found, found_problems = read_curves(path, rng)
+            found, found_problems = read_curves(path, self._curve_range(metric))
             parts.append(found)
             problems += found_problems
         return CurveTable.concat(parts), problems

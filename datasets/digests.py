@@ -17,14 +17,13 @@ again; a copied or moved data set is read once at its new place and gets the sam
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import ParamSpec, TypeVar
 
 from maskbench.core.storage import atomic_write, cache_root
 
@@ -34,8 +33,6 @@ MISSING = "missing"  # the digest of a file that does not exist
 DIGEST_CHARS = 32  # hex characters kept of each SHA-256
 
 _memo_dir: Path | None = None
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
 
 
 def set_memo_dir(path: str | os.PathLike[str] | None) -> None:
@@ -44,19 +41,18 @@ def set_memo_dir(path: str | os.PathLike[str] | None) -> None:
     _memo_dir = Path(path) if path is not None else None
 
 
-def keeps_memo_dir(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Decorator: whatever memo folder ``fn`` sets (a run sets its ``--cache``) is restored when it returns or
-    raises, so a run inside a longer-lived process (tests, a notebook) leaves no folder behind for later runs."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        saved = _memo_dir
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            set_memo_dir(saved)
-
-    return wrapper
+@contextmanager
+def using_memo_dir(path: str | os.PathLike[str] | None = None) -> Iterator[None]:
+    """Within the block (or the decorated function: ``@using_memo_dir()``) the memo folder is ``path`` if given,
+    and whatever it is set to there (a run sets its ``--cache``) is undone on leaving, so a run inside a
+    longer-lived process (tests, a notebook) leaves no folder behind for later runs."""
+    saved = _memo_dir
+    if path is not None:
+        set_memo_dir(path)
+    try:
+        yield
+    finally:
+        set_memo_dir(saved)
 
 
 def memo_dir() -> Path:
